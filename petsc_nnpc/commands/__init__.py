@@ -1,0 +1,1 @@
+"""Subcommands of the ``nnpc`` console script, one module each."""
