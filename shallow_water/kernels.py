@@ -1,10 +1,11 @@
 """Vectorised C-grid kernels: the tendency, its tangent linear and its adjoint.
 
 Every field lives on one rank's patch padded by one halo cell on each side,
-as a float64 array of shape ``(Y, X, k)``: ``Y = ym + 2`` rows (y, slow),
-``X = xm + 2`` columns (x) and a trailing batch axis of ``k`` columns that
-share every operation. Index ``[a, b]`` of a field names a position relative
-to cell ``(a, b)`` of the padded patch:
+stored flat as a float64 array of shape ``(Y·X, k)``: ``Y = ym + 2`` rows
+(y, slow) times ``X = xm + 2`` columns (x), and a trailing batch axis of
+``k`` columns that share every operation. Index ``[a, b]`` of a field (flat
+row ``a·X + b``) names a position relative to cell ``(a, b)`` of the padded
+patch:
 
 * η, h, B, D: the centre of cell ``(a, b)``;
 * u, U: the east face of cell ``(a, b)``;
@@ -28,116 +29,114 @@ import numpy as np
 class StaggeredOps:
     """Averages and differences between the staggered positions of a C-grid.
 
+    Fields are stored flat, ``(Y·X, k)`` with x fastest, so that a shift by
+    one cell in x is a shift by ``sx = 1`` rows and one cell in y by
+    ``sy = X`` rows, and every operation runs over contiguous memory.
     ``avg_xp(f)[a, b] = (f[a, b] + f[a, b+1]) / 2`` and
     ``diff_xp(f)[a, b] = (f[a, b+1] − f[a, b]) / dx`` move a field half a cell
     east (centre → u point, v point → corner); ``avg_xm`` and ``diff_xm``
     store the same combinations at ``[a, b+1]`` and move half a cell west
-    (u point → centre, corner → v point). The y operators act on axis 0 in
-    the same way. Each call costs one pass over the array.
+    (u point → centre, corner → v point). The y operators do the same along
+    y. Entries whose stencil leaves the flat array are zero; in the last
+    halo column the x operators wrap onto the next row, which only affects
+    halo entries that the owned interior never reads. Each call costs two
+    passes over the array.
     """
 
-    def __init__(self, dx, dy):
+    def __init__(self, dx, dy, X):
         self.rdx = 1.0 / dx
         self.rdy = 1.0 / dy
+        self.sx = 1
+        self.sy = X
 
-    # Averages.
     @staticmethod
-    def avg_xp(f):
-        out = np.zeros_like(f)
-        np.add(f[:, :-1], f[:, 1:], out=out[:, :-1])
-        out[:, :-1] *= 0.5
+    def _shift_p(f, s, scale, subtract):
+        out = np.empty_like(f)
+        if subtract:
+            np.subtract(f[s:], f[:-s], out=out[:-s])
+        else:
+            np.add(f[s:], f[:-s], out=out[:-s])
+        out[:-s] *= scale
+        out[-s:] = 0.0
         return out
 
     @staticmethod
-    def avg_xm(f):
-        out = np.zeros_like(f)
-        np.add(f[:, :-1], f[:, 1:], out=out[:, 1:])
-        out[:, 1:] *= 0.5
+    def _shift_m(f, s, scale, subtract):
+        out = np.empty_like(f)
+        if subtract:
+            np.subtract(f[s:], f[:-s], out=out[s:])
+        else:
+            np.add(f[s:], f[:-s], out=out[s:])
+        out[s:] *= scale
+        out[:s] = 0.0
         return out
 
     @staticmethod
-    def avg_yp(f):
-        out = np.zeros_like(f)
-        np.add(f[:-1], f[1:], out=out[:-1])
-        out[:-1] *= 0.5
-        return out
+    def _shift_p_T(g, acc, s, scale, subtract):
+        part = scale * g[:-s]
+        acc[s:] += part
+        if subtract:
+            acc[:-s] -= part
+        else:
+            acc[:-s] += part
 
     @staticmethod
-    def avg_ym(f):
-        out = np.zeros_like(f)
-        np.add(f[:-1], f[1:], out=out[1:])
-        out[1:] *= 0.5
-        return out
+    def _shift_m_T(g, acc, s, scale, subtract):
+        part = scale * g[s:]
+        acc[s:] += part
+        if subtract:
+            acc[:-s] -= part
+        else:
+            acc[:-s] += part
 
-    # Differences.
+    def avg_xp(self, f):
+        return self._shift_p(f, self.sx, 0.5, False)
+
+    def avg_xm(self, f):
+        return self._shift_m(f, self.sx, 0.5, False)
+
+    def avg_yp(self, f):
+        return self._shift_p(f, self.sy, 0.5, False)
+
+    def avg_ym(self, f):
+        return self._shift_m(f, self.sy, 0.5, False)
+
     def diff_xp(self, f):
-        out = np.zeros_like(f)
-        np.subtract(f[:, 1:], f[:, :-1], out=out[:, :-1])
-        out[:, :-1] *= self.rdx
-        return out
+        return self._shift_p(f, self.sx, self.rdx, True)
 
     def diff_xm(self, f):
-        out = np.zeros_like(f)
-        np.subtract(f[:, 1:], f[:, :-1], out=out[:, 1:])
-        out[:, 1:] *= self.rdx
-        return out
+        return self._shift_m(f, self.sx, self.rdx, True)
 
     def diff_yp(self, f):
-        out = np.zeros_like(f)
-        np.subtract(f[1:], f[:-1], out=out[:-1])
-        out[:-1] *= self.rdy
-        return out
+        return self._shift_p(f, self.sy, self.rdy, True)
 
     def diff_ym(self, f):
-        out = np.zeros_like(f)
-        np.subtract(f[1:], f[:-1], out=out[1:])
-        out[1:] *= self.rdy
-        return out
+        return self._shift_m(f, self.sy, self.rdy, True)
 
     # Transposes: add (operator)ᵀ g into acc.
-    @staticmethod
-    def avg_xp_T(g, acc):
-        half = 0.5 * g[:, :-1]
-        acc[:, :-1] += half
-        acc[:, 1:] += half
+    def avg_xp_T(self, g, acc):
+        self._shift_p_T(g, acc, self.sx, 0.5, False)
 
-    @staticmethod
-    def avg_xm_T(g, acc):
-        half = 0.5 * g[:, 1:]
-        acc[:, :-1] += half
-        acc[:, 1:] += half
+    def avg_xm_T(self, g, acc):
+        self._shift_m_T(g, acc, self.sx, 0.5, False)
 
-    @staticmethod
-    def avg_yp_T(g, acc):
-        half = 0.5 * g[:-1]
-        acc[:-1] += half
-        acc[1:] += half
+    def avg_yp_T(self, g, acc):
+        self._shift_p_T(g, acc, self.sy, 0.5, False)
 
-    @staticmethod
-    def avg_ym_T(g, acc):
-        half = 0.5 * g[1:]
-        acc[:-1] += half
-        acc[1:] += half
+    def avg_ym_T(self, g, acc):
+        self._shift_m_T(g, acc, self.sy, 0.5, False)
 
     def diff_xp_T(self, g, acc):
-        scaled = self.rdx * g[:, :-1]
-        acc[:, 1:] += scaled
-        acc[:, :-1] -= scaled
+        self._shift_p_T(g, acc, self.sx, self.rdx, True)
 
     def diff_xm_T(self, g, acc):
-        scaled = self.rdx * g[:, 1:]
-        acc[:, 1:] += scaled
-        acc[:, :-1] -= scaled
+        self._shift_m_T(g, acc, self.sx, self.rdx, True)
 
     def diff_yp_T(self, g, acc):
-        scaled = self.rdy * g[:-1]
-        acc[1:] += scaled
-        acc[:-1] -= scaled
+        self._shift_p_T(g, acc, self.sy, self.rdy, True)
 
     def diff_ym_T(self, g, acc):
-        scaled = self.rdy * g[1:]
-        acc[1:] += scaled
-        acc[:-1] -= scaled
+        self._shift_m_T(g, acc, self.sy, self.rdy, True)
 
 
 class Patch:
@@ -154,15 +153,15 @@ class Patch:
 
     Attributes
     ----------
-    mask_u, mask_v, mask_c : ndarray, shape (Y, X, 1)
+    mask_u, mask_v, mask_c : ndarray, shape (Y·X, 1)
         1 at interior u points, v points and corners of the basin, 0 at the
         walls and outside the basin. Free slip sets ζ = 0 on the walls.
-    hq_pad : ndarray, shape (Y, X, 1)
+    hq_pad : ndarray, shape (Y·X, 1)
         1 where the corner thickness average leaves the patch, else 0; added
         to the average so that the division defining q stays finite there.
-    f_c : ndarray, shape (Y, X, 1)
+    f_c : ndarray, shape (Y·X, 1)
         Coriolis parameter ``f0 + β y`` at the corners [s⁻¹].
-    wind_u : ndarray, shape (Y, X, 1)
+    wind_u : ndarray, shape (Y·X, 1)
         Wind acceleration ``τ_x / (ρ0 H)`` at the u points [m s⁻²].
     """
 
@@ -182,27 +181,28 @@ class Patch:
         self.mask_u = _outer(inside_j, face_i)
         self.mask_v = _outer(face_j, inside_i)
         self.mask_c = _outer(face_j, face_i)
-        self.hq_pad = np.zeros(self.shape + (1,))
-        self.hq_pad[-1] = 1.0
-        self.hq_pad[:, -1] = 1.0
+        hq_pad = np.zeros(self.shape)
+        hq_pad[-1] = 1.0
+        hq_pad[:, -1] = 1.0
+        self.hq_pad = hq_pad.reshape(-1, 1)
         y_centre = -config.Ly / 2 + (j + 0.5) * config.dy
         y_corner = -config.Ly / 2 + (j + 1.0) * config.dy
-        self.f_c = np.broadcast_to(
-            (config.f0 + config.beta * y_corner)[:, None, None], self.shape + (1,)
-        ).copy()
+        f_c = np.broadcast_to((config.f0 + config.beta * y_corner)[:, None], self.shape)
+        self.f_c = f_c.reshape(-1, 1).copy()
         wind = config.tau0 * np.cos(2 * np.pi * y_centre / config.Ly) / (config.rho0 * config.H)
-        self.wind_u = wind[:, None, None] * self.mask_u
-        self.ops = StaggeredOps(config.dx, config.dy)
+        wind_u = np.broadcast_to(wind[:, None], self.shape).reshape(-1, 1)
+        self.wind_u = wind_u * self.mask_u
+        self.ops = StaggeredOps(config.dx, config.dy, xm + 2)
 
 
 def _outer(rows, cols):
-    return (rows[:, None] & cols[None, :]).astype(np.float64)[:, :, None]
+    return (rows[:, None] & cols[None, :]).astype(np.float64).reshape(-1, 1)
 
 
 class Linearization:
     """Base-state fields of one tendency evaluation, kept for its TL and adjoint.
 
-    All arrays have shape ``(Y, X, 1)`` and broadcast against a batch.
+    All arrays have shape ``(Y·X, 1)`` and broadcast against a batch.
     """
 
     __slots__ = ("u", "v", "hx", "hy", "q", "hq", "Uc", "Vc")
@@ -288,7 +288,7 @@ def tendency_tl(patch, lin, deta, du, dv):
         d(qVc) = dq Vc + q avg_xp(dV),  d(qUc) = dq Uc + q avg_yp(dU)
         dP = g' dη + avg_xm(u du) + avg_ym(v dv) − ν dD
 
-    Inputs and outputs have shape ``(Y, X, k)``; the cost is about twice
+    Inputs and outputs have shape ``(Y·X, k)``; the cost is about twice
     that of :func:`tendency` per column.
     """
     cfg, ops = patch.config, patch.ops

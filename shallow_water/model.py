@@ -76,15 +76,17 @@ class _Exchange:
         self.outside = model._outside_slices
 
     def gather_halo(self, owned):
-        """Return η, u, v on the padded patch from owned values ``(3, ym, xm, k)``."""
+        """Return η, u, v on the padded patch, each ``(Y·X, k)``, from owned values ``(3, ym, xm, k)``."""
         garr = self.gvec.getArray().reshape(self.owned_shape)
         garr[...] = owned.transpose(1, 2, 0, 3)
         self.dm.globalToLocal(self.gvec, self.lvec, addv=PETSc.InsertMode.INSERT_VALUES)
         larr = self.lvec.getArray(readonly=True).reshape(self.padded_shape)
-        fields = [np.array(larr[:, :, var, :]) for var in range(3)]
-        for field in fields:
+        fields = []
+        for var in range(3):
+            field = np.array(larr[:, :, var, :])  # (Y, X, k)
             for index in self.outside:
                 field[index] = 0.0
+            fields.append(field.reshape(-1, self.k))
         return fields
 
     def scatter_halo_adjoint(self, fields):
@@ -95,7 +97,7 @@ class _Exchange:
         """
         larr = self.lvec.getArray().reshape(self.padded_shape)
         for var, field in enumerate(fields):
-            larr[:, :, var, :] = field
+            larr[:, :, var, :] = field.reshape(self.padded_shape[:2] + (self.k,))
         for index in self.outside:
             larr[index] = 0.0
         self.gvec.set(0.0)
@@ -288,7 +290,9 @@ class ShallowWaterModel:
 
     # Tendencies on owned fields.
     def _interior(self, fields):
-        return np.stack([field[1:-1, 1:-1] for field in fields])
+        """Owned interior ``(3, ym, xm, k)`` of three padded flat fields ``(Y·X, k)``."""
+        shape = self.patch.shape + (fields[0].shape[-1],)
+        return np.stack([field.reshape(shape)[1:-1, 1:-1] for field in fields])
 
     def _rhs(self, owned, keep=False):
         exchange = self._exchange(owned.shape[-1])
@@ -310,7 +314,7 @@ class ShallowWaterModel:
         for var in range(3):
             field = np.zeros(shape)
             field[1:-1, 1:-1] = owned_bar[var]
-            padded.append(field)
+            padded.append(field.reshape(-1, shape[-1]))
         bars = kernels.tendency_adjoint(self.patch, lin, *padded)
         result = exchange.scatter_halo_adjoint(bars)
         result *= self._wall_mask

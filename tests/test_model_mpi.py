@@ -1,0 +1,39 @@
+"""The shallow-water model on 1 and 2 ranks: adjoint tests and identical results."""
+
+import os
+
+import numpy as np
+import pytest
+
+from conftest import run_mpi
+
+SCRIPT = os.path.join(os.path.dirname(__file__), "mpi", "model_parallel.py")
+
+
+def _run(ranks, out):
+    run_mpi(SCRIPT, ranks, out, timeout=120)
+    return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("model_mpi")
+    return {ranks: _run(ranks, folder / f"ranks{ranks}.npz") for ranks in (1, 2)}
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("case", ["tiny", "odd"])
+def test_adjoint_dot_product_parallel(results, ranks, case):
+    assert results[ranks][f"{case}_adjoint_error_step"] <= 1e-12
+    assert results[ranks][f"{case}_adjoint_error_window"] <= 1e-12
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("case", ["tiny", "odd"])
+@pytest.mark.parametrize("run", ["forward", "tl", "adjoint"])
+def test_same_result_on_one_and_two_ranks(results, case, run):
+    assert int(results[2]["ranks"]) == 2
+    one = results[1][f"{case}_{run}"]
+    two = results[2][f"{case}_{run}"]
+    assert np.max(np.abs(one - two)) <= 1e-12 * np.max(np.abs(one))
