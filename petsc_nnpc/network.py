@@ -13,9 +13,9 @@ The state enters as a 3-channel ``ny × nx`` image (η, u, v). On the C-grid
 column or row is the wall, filled with zeros on input and dropped on output.
 The body is a U-Net whose downsampling path uses transformer blocks
 (self-attention over the cells of each coarse level), as the paper reports.
-The vectors come out of a 1×1 convolution with ``3 r`` output channels, and
+The vectors come out of a pointwise MLP with ``3 r`` output channels, and
 the logits from the pooled bottleneck, so the parameter count grows like
-``width · r``, never like ``n · r``.
+``head_channels · r``, never like ``n · r``.
 
 Checkpoints are a folder with ``weights.safetensors`` and
 ``checkpoint.json``; loading reads tensors and JSON only and never runs
@@ -89,6 +89,10 @@ class NetworkConfig:
         Hidden size of the transformer MLP relative to its channels.
     eigen_hidden : int
         Hidden size of the eigenvalue head.
+    head_channels : int
+        Hidden channels of the pointwise MLP that outputs the vectors; 0
+        chooses ``min(max(2·width, r), 1024)``. ``Ũ`` has rank at most
+        ``3 · head_channels``, so it must not be much below ``r / 3``.
     """
 
     grid_shape: tuple
@@ -100,6 +104,7 @@ class NetworkConfig:
     blocks_per_level: int = 1
     mlp_ratio: float = 2.0
     eigen_hidden: int = 128
+    head_channels: int = 0
 
     def __post_init__(self):
         self.grid_shape = tuple(int(v) for v in self.grid_shape)
@@ -123,12 +128,27 @@ class NetworkConfig:
                 f"heads = {self.heads} does not divide width = {self.width}; "
                 "choose a width that is a multiple of heads"
             )
+        if self.head_channels < 0:
+            raise ValueError(f"head_channels = {self.head_channels} is invalid: expected >= 0")
+        if 0 < self.head_channels and 3 * self.head_channels < self.rank:
+            raise ValueError(
+                f"head_channels = {self.head_channels} limits the vectors to rank "
+                f"{3 * self.head_channels} < r = {self.rank}; use head_channels >= {-(-self.rank // 3)} "
+                "or 0 for the default"
+            )
         if self.mlp_ratio <= 0:
             raise ValueError(f"mlp_ratio = {self.mlp_ratio} is invalid: expected > 0")
 
     @property
     def n(self):
         return state_size(self.grid_shape)
+
+    @property
+    def head_width(self):
+        """Hidden channels of the vector head (``head_channels`` or its default)."""
+        if self.head_channels:
+            return self.head_channels
+        return min(max(2 * self.width, self.rank), 1024)
 
     @classmethod
     def for_preset(cls, preset, grid_shape, rank, sigmoid_scale, **overrides):
@@ -262,8 +282,8 @@ class EigenpairNetwork(nn.Module):
     The buffers ``input_mean`` and ``input_std`` (shape ``(3,)``) scale each
     channel of the state image to unit variance; they are saved with the
     weights. Costs per state: the convolutions are ``O(n · width²)``, the
-    attention ``O((n/4^l)² · width · 2^l)`` at level ``l ≥ 1``, the output
-    layer ``O(n · width · r)`` and the QR ``O(n r²)``.
+    attention ``O((n/4^l)² · width · 2^l)`` at level ``l ≥ 1``, the vector
+    head ``O(n · head_channels · r)`` and the QR ``O(n r²)``.
     """
 
     def __init__(self, config):
@@ -277,7 +297,10 @@ class EigenpairNetwork(nn.Module):
         )
 
         widths = [config.width * 2 ** level for level in range(config.depth + 1)]
-        self.stem = nn.Conv2d(3, widths[0], 3, padding=1)
+        # Input channels: η, u, v and the cell coordinates (x, y) in [−1, 1],
+        # which let the convolutions place patterns that do not move with
+        # the flow (basin modes, boundary layers).
+        self.stem = nn.Conv2d(5, widths[0], 3, padding=1)
         self.encoder0 = ConvBlock(widths[0], widths[0])
         self.down = nn.ModuleList()
         self.encoder = nn.ModuleList()
@@ -293,8 +316,15 @@ class EigenpairNetwork(nn.Module):
         for level in range(config.depth, 0, -1):
             self.up.append(nn.ConvTranspose2d(widths[level], widths[level - 1], 2, stride=2))
             self.decoder.append(ConvBlock(2 * widths[level - 1], widths[level - 1]))
+        # A 1×1 convolution from C channels gives Ũ of rank at most 3·C, so
+        # the vectors go through a pointwise MLP whose hidden width scales
+        # with r (see NetworkConfig.head_width).
         self.head_norm = nn.GroupNorm(_groups(widths[0]), widths[0])
-        self.vector_head = nn.Conv2d(widths[0], 3 * config.rank, 1)
+        self.vector_head = nn.Sequential(
+            nn.Conv2d(widths[0], config.head_width, 1),
+            nn.SiLU(),
+            nn.Conv2d(config.head_width, 3 * config.rank, 1),
+        )
         self.eigen_head = nn.Sequential(
             nn.LayerNorm(widths[-1]),
             nn.Linear(widths[-1], config.eigen_hidden),
@@ -343,8 +373,12 @@ class EigenpairNetwork(nn.Module):
         wall[:, 1, :, nx - 1] = True
         wall[:, 2, ny - 1, :] = True
         image = image.masked_fill(wall, 0.0)
+        rows = torch.linspace(-1.0, 1.0, ny, dtype=dtype, device=image.device)
+        cols = torch.linspace(-1.0, 1.0, nx, dtype=dtype, device=image.device)
+        coords = torch.stack(torch.meshgrid(cols, rows, indexing="xy"))  # (2, ny, nx)
+        image = torch.cat([image, coords.expand(B, 2, ny, nx)], dim=1)  # (B, 5, ny, nx)
         py, px = self._padded_shape()
-        image = F.pad(image, (0, px - nx, 0, py - ny))  # (B, 3, py, px)
+        image = F.pad(image, (0, px - nx, 0, py - ny))  # (B, 5, py, px)
 
         h = self.encoder0(self.stem(image))  # (B, width, py, px)
         skips = [h]

@@ -64,19 +64,19 @@ def test_parameters_independent_of_grid_size():
 
 
 def test_parameters_grow_linearly_with_rank():
-    # Per eigenpair: 3 output channels of the 1×1 head (width + 1 weights
-    # each) and one output of the eigenvalue head (eigen_hidden + 1).
-    config = NetworkConfig.for_preset("tiny", (8, 8), 2, 1.0)
-    one = _network((8, 8), rank=2).parameter_count()
-    two = _network((8, 8), rank=3).parameter_count()
-    assert two - one == 3 * (config.width + 1) + config.eigen_hidden + 1
+    # Per eigenpair: 3 output channels of the vector head (head_channels + 1
+    # weights each) and one output of the eigenvalue head (eigen_hidden + 1).
+    config = NetworkConfig.for_preset("tiny", (8, 8), 2, 1.0, head_channels=16)
+    one = _network((8, 8), rank=2, head_channels=16).parameter_count()
+    two = _network((8, 8), rank=3, head_channels=16).parameter_count()
+    assert two - one == 3 * (config.head_channels + 1) + config.eigen_hidden + 1
 
 
 def test_paper_network_has_no_dense_n_by_r_layer():
     config = NetworkConfig.for_preset("paper", (64, 64), 2000, 2e4)
     params = EigenpairNetwork(config).parameter_count()
     # One dense layer from any feature vector to U would alone hold n·r weights.
-    assert params < config.n * config.rank / 2
+    assert params < config.n * config.rank
 
 
 def test_config_rejects_invalid_values():
@@ -86,6 +86,8 @@ def test_config_rejects_invalid_values():
         NetworkConfig((5, 5), 2, 1.0, width=8, heads=3)
     with pytest.raises(ValueError, match="sigmoid_scale M = -1"):
         NetworkConfig((5, 5), 2, -1.0)
+    with pytest.raises(ValueError, match="limits the vectors to rank 6 < r = 20"):
+        NetworkConfig((8, 8), 20, 1.0, head_channels=2)
     with pytest.raises(ValueError, match="unknown preset 'huge'"):
         NetworkConfig.for_preset("huge", (5, 5), 2, 1.0)
 
