@@ -23,19 +23,23 @@ class SpectralProblem:
     ny, nx : int
         Grid shape; ``n = ny · nx``.
     lam_max, lam_min : float
-        Largest and smallest eigenvalue at the reference state ``x = 0``;
-        ``λ_i = lam_max (lam_min / lam_max)^{i / (n-1)}``.
+        Largest eigenvalue and the floor of the spectrum at the reference
+        state: ``λ_i = lam_min + (lam_max − lam_min) exp(−i / decay)``, an
+        exponentially decaying head on top of a floor, as ``GᵀR⁻¹G + B⁻¹``
+        has above the smallest eigenvalue of ``B⁻¹``.
+    decay : float
+        e-folding length of the head, in eigenvalue indices (default n / 8).
     seed : int
         Seed of the eigenvectors and of the state dependence.
     """
 
-    def __init__(self, ny=12, nx=16, lam_max=2.0e4, lam_min=0.5, seed=3):
+    def __init__(self, ny=12, nx=16, lam_max=2.0e4, lam_min=0.5, decay=None, seed=3):
         self.grid_shape = (ny, nx)
         self.n = ny * nx
         rng = np.random.default_rng(seed)
         self.Q0, _ = np.linalg.qr(rng.standard_normal((self.n, self.n)))  # (n, n)
-        ratio = lam_min / lam_max
-        self.lam0 = lam_max * ratio ** (np.arange(self.n) / (self.n - 1))  # (n,) descending
+        decay = decay or self.n / 8.0
+        self.lam0 = lam_min + (lam_max - lam_min) * np.exp(-np.arange(self.n) / decay)  # (n,)
         skew = rng.standard_normal((self.n, self.n))
         self.K = (skew - skew.T) / np.sqrt(self.n)  # skew-symmetric generator of rotations
         self.w = rng.standard_normal(self.n) / np.sqrt(self.n)

@@ -7,6 +7,7 @@
 ``lmpexact``   ``petsc_nnpc.pc.exact.LMPExact``        leading eigenpairs of the operator (oracle)
 ``lmpnystrom`` ``petsc_nnpc.pc.nystrom.LMPNystrom``    randomized Nyström approximation
 ``lmpritz``    ``petsc_nnpc.pc.ritz.LMPRitz``          Ritz pairs of the previous CG solve
+``lmpfile``    ``petsc_nnpc.pc.static.LMPFile``        eigenpairs read from a file, fixed over states
 =============  ======================================  ==========================================
 
 ``import petsc_nnpc`` calls :func:`register_all`, so the names in the first
@@ -21,6 +22,7 @@ PC_TYPES = {
     "lmpexact": "petsc_nnpc.pc.exact.LMPExact",
     "lmpnystrom": "petsc_nnpc.pc.nystrom.LMPNystrom",
     "lmpritz": "petsc_nnpc.pc.ritz.LMPRitz",
+    "lmpfile": "petsc_nnpc.pc.static.LMPFile",
 }
 
 

@@ -215,8 +215,11 @@ class NNPC(LMPBase):
     def _predict(self, x_natural, n):
         """Run the network on the root rank; return ``(U, lam, lam_next, error)``."""
         rank = self.parameters["rank"]
-        with logged(EVENT_INFERENCE):
-            U, lam = self.predictor.predict(np.asarray(x_natural, dtype=np.float64))
+        try:
+            with logged(EVENT_INFERENCE):
+                U, lam = self.predictor.predict(np.asarray(x_natural, dtype=np.float64))
+        except (ValueError, RuntimeError) as caught:
+            return None, None, None, f"the network failed on this state: {caught}"
         U = np.asarray(U, dtype=np.float64)  # (n, R)
         lam = np.asarray(lam, dtype=np.float64).reshape(-1)  # (R,)
         if U.ndim != 2 or U.shape[0] != n or U.shape[1] != lam.size:
