@@ -108,6 +108,15 @@ def test_leading_exact_pairs_reduce_iterations(system):
     assert context.setup_products == A.getSize()[0]
 
 
+def test_single_precision_basis(system):
+    _, A, b = system
+    double, _ = iterations(A, b, "lmpexact", {"pc_lmpexact_rank": 20})
+    single, ksp = iterations(A, b, "lmpexact",
+                             {"pc_lmpexact_rank": 20, "pc_lmpexact_precision": "single"})
+    assert ksp.getPC().getPythonContext().lmp.U.dtype == np.float32
+    assert abs(single - double) <= 1
+
+
 def test_lanczos_matches_dense(system):
     operator, A, b = system
     dense, ksp_dense = iterations(A, b, "lmpexact", {"pc_lmpexact_rank": 12})

@@ -32,9 +32,9 @@ class LMPExact(LMPBase):
     * ``lanczos``: block Lanczos with full reorthogonalization and thick
       restarts on the block product. Each cycle extends a block Krylov basis
       by blocks of ``b = r + 1 + oversampling`` vectors up to ``ncv``
-      columns, takes Ritz pairs (Rayleigh-Ritz on the basis), and restarts
-      from the leading ``b`` Ritz vectors, whose products are kept, until
-      the ``r + 1`` leading residuals satisfy
+      columns and takes Ritz pairs (Rayleigh-Ritz on the basis). It then
+      restarts from the leading ``b`` Ritz vectors, whose products are kept.
+      The cycles stop when the ``r + 1`` leading residuals satisfy
       ``‖A y_i − θ_i y_i‖ ≤ tol · θ_1``.
     * ``slepc``: SLEPc's Krylov-Schur solver on the operator, when slepc4py
       is importable.
@@ -63,6 +63,9 @@ class LMPExact(LMPBase):
         Seed of the random start block (default 0).
     -pc_lmpexact_orthonormality_tolerance <float>
         Largest accepted deviation of ``UᵀU`` from ``I`` (default 1e-6).
+    -pc_lmpexact_precision <double|single>
+        Storage of ``U`` in the applications (default double); ``single``
+        halves the memory traffic of an application.
     """
 
     type_name = "lmpexact"

@@ -43,11 +43,11 @@ _predictor_cache = {}
 class NNPC(LMPBase):
     """Spectral LMP whose eigenpairs come from a trained network.
 
-    At each new linearization state the state Vec composed on the operator
-    as ``"nnpc_state"`` is gathered in natural ordering on rank 0, the
-    network predicts ``U`` ``(n, R)`` and ``lam`` ``(R,)`` there, the first
-    ``r ≤ R`` pairs are kept and the rows of ``U`` are scattered so that each
-    rank holds its own. ``λ_{r+1}`` is known when ``r < R``.
+    At each new linearization state, the state Vec composed on the operator
+    as ``"nnpc_state"`` is gathered in natural ordering on rank 0. The
+    network predicts ``U`` ``(n, R)`` and ``lam`` ``(R,)`` there, and the
+    first ``r ≤ R`` pairs are kept. The rows of ``U`` are then scattered so
+    that each rank stores its own. ``λ_{r+1}`` is known when ``r < R``.
 
     With refinement (predict-then-correct), one block product ``W = A U``
     (``r`` products) and a Rayleigh-Ritz step on ``range(U)`` replace the
@@ -70,6 +70,9 @@ class NNPC(LMPBase):
         Rayleigh-Ritz correction with one block product (default false).
     -pc_nnpc_orthonormality_tolerance <float>
         Largest accepted deviation of ``UᵀU`` from ``I`` (default 1e-6).
+    -pc_nnpc_precision <double|single>
+        Storage of ``U`` in the applications (default double); ``single``
+        halves the memory traffic of an application.
 
     Notes
     -----

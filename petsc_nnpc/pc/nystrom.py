@@ -43,6 +43,9 @@ class LMPNystrom(LMPBase):
         Scaling ``μ`` (default 1).
     -pc_lmpnystrom_orthonormality_tolerance <float>
         Largest accepted deviation of ``UᵀU`` from ``I`` (default 1e-6).
+    -pc_lmpnystrom_precision <double|single>
+        Storage of ``U`` in the applications (default double); ``single``
+        halves the memory traffic of an application.
     """
 
     type_name = "lmpnystrom"

@@ -75,7 +75,7 @@ def register_pc_type(name, class_path):
     Returns
     -------
     bool
-        True on success. On failure a warning says that
+        True on success. On failure a logged warning states that
         ``-pc_type python -pc_python_type class_path`` still works.
     """
     try:
@@ -121,9 +121,10 @@ def track_python_pc(handle):
 
     petsc4py 3.18 destroys objects still alive at exit inside
     ``PetscFinalize`` (its garbage cleanup), after the interpreter has shut
-    down; destroying a Python PC there calls into Python and crashes with a
-    segmentation fault. The exit handler below switches every tracked PC to
-    ``PCNONE`` while Python still runs, which drops the Python context.
+    down. Destroying a Python PC there calls into Python and crashes with a
+    segmentation fault (seen with petsc4py 3.18.5 whenever the context class
+    comes from an imported module). The exit handler below switches every
+    tracked PC to ``PCNONE`` while Python still runs, which drops the context.
     """
     _live_python_pcs.add(handle)
 

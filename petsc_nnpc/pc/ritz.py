@@ -23,10 +23,10 @@ class LMPRitz(LMPBase):
     one inner loop preconditions the next.
 
     PETSc's CG exposes neither its Lanczos vectors nor its coefficients, so
-    this PC records, during each solve, the iterates ``x_j`` (from a KSP
-    monitor, which PETSc's CG calls after it updates the solution in place)
-    and the residuals ``r_j = b − A x_j`` (the inputs of the PC applies,
-    one per iteration). Then ``d_j = x_{j+1} − x_j`` spans the Krylov
+    this PC records two sequences during each solve. The iterates ``x_j``
+    come from a KSP monitor, which PETSc's CG calls after it updates the
+    solution in place. The residuals ``r_j = b − A x_j`` are the inputs of
+    the PC applications, one per iteration. Then ``d_j = x_{j+1} − x_j`` spans the Krylov
     subspace of the solve and ``A d_j = r_j − r_{j+1}`` is known without any
     new product. A Rayleigh-Ritz step of ``A`` on ``span(d_0, …, d_{m−1})``
     gives Ritz pairs ``(θ_i, y_i)`` of ``A`` itself, whatever preconditioner
@@ -52,6 +52,9 @@ class LMPRitz(LMPBase):
         Largest number of iterates and residuals recorded per solve (default 100).
     -pc_lmpritz_orthonormality_tolerance <float>
         Largest accepted deviation of ``UᵀU`` from ``I`` (default 1e-6).
+    -pc_lmpritz_precision <double|single>
+        Storage of ``U`` in the applications (default double); ``single``
+        halves the memory traffic of an application.
     """
 
     type_name = "lmpritz"
