@@ -75,29 +75,36 @@ class _Exchange:
         self.padded_shape = model.patch.shape + (3, k)
         self.outside = model._outside_slices
 
-    def gather_halo(self, owned):
-        """Return η, u, v on the padded patch, each ``(Y·X, k)``, from owned values ``(3, ym, xm, k)``."""
+    def fill(self, owned):
+        """Copy owned values ``(3, ym, xm, k)`` into the padded local array and fill its halo."""
         garr = self.gvec.getArray().reshape(self.owned_shape)
         garr[...] = owned.transpose(1, 2, 0, 3)
         self.dm.globalToLocal(self.gvec, self.lvec, addv=PETSc.InsertMode.INSERT_VALUES)
-        larr = self.lvec.getArray(readonly=True).reshape(self.padded_shape)
-        fields = []
-        for var in range(3):
-            field = np.array(larr[:, :, var, :])  # (Y, X, k)
-            for index in self.outside:
-                field[index] = 0.0
-            fields.append(field.reshape(-1, self.k))
-        return fields
 
-    def scatter_halo_adjoint(self, fields):
-        """Return owned values ``(3, ym, xm, k)`` summing padded adjoint fields onto their owners.
+    def read(self, start, stop):
+        """Return η, u, v of columns ``start:stop`` on the padded patch, each ``(Y·X, stop − start)``.
 
-        The adjoint of :meth:`gather_halo`: a local-to-global scatter with
-        ADD_VALUES into a zeroed global Vec.
+        Halo cells outside the basin read zero: the global-to-local scatter
+        never writes them, and :meth:`sum_adjoint` zeroes them.
         """
+        larr = self.lvec.getArray(readonly=True).reshape(self.padded_shape)
+        width = stop - start
+        return [np.array(larr[:, :, var, start:stop]).reshape(-1, width) for var in range(3)]
+
+    def write(self, fields, start, stop):
+        """Store padded adjoint fields ``(Y·X, stop − start)`` as columns ``start:stop`` of the local array."""
         larr = self.lvec.getArray().reshape(self.padded_shape)
         for var, field in enumerate(fields):
-            larr[:, :, var, :] = field.reshape(self.padded_shape[:2] + (self.k,))
+            larr[:, :, var, start:stop] = field.reshape(self.padded_shape[:2] + (stop - start,))
+
+    def sum_adjoint(self):
+        """Return owned values ``(3, ym, xm, k)``: the local array summed onto its owners.
+
+        The adjoint of :meth:`fill`: a local-to-global scatter with
+        ADD_VALUES into a zeroed global Vec. Halo cells outside the basin
+        are zeroed first, since they belong to no rank.
+        """
+        larr = self.lvec.getArray().reshape(self.padded_shape)
         for index in self.outside:
             larr[index] = 0.0
         self.gvec.set(0.0)
@@ -267,7 +274,28 @@ class ShallowWaterModel:
                 f"state Vec has local size {local.shape[0]}, expected {self.local_size}: "
                 "create it with model.create_state()"
             )
+        self._check_finite(local)
         return self._to_owned(local[:, None])
+
+    def _check_finite(self, local):
+        """Raise ``ValueError`` on every rank, naming the variables, if a state has NaN or Inf."""
+        bad = ~np.isfinite(local)
+        flags = np.zeros(3, dtype=np.int64)
+        if bad.any():
+            for index, part in enumerate(self.variable_slices.values()):
+                natural = self._natural[bad]
+                flags[index] = np.count_nonzero((natural >= part.start) & (natural < part.stop))
+        flags = self.comm.tompi4py().allreduce(flags)
+        if flags.any():
+            names = [
+                f"{name} ({count} values)"
+                for name, count in zip(self.variable_slices, flags)
+                if count
+            ]
+            raise ValueError(
+                f"the state has NaN or Inf in {', '.join(names)}: start from a finite state, "
+                "e.g. a spun-up one (shallow_water.load_spunup_state), or reduce dt if a run blew up"
+            )
 
     def _owned_to_vec(self, owned):
         vec = self.create_state()
@@ -296,7 +324,8 @@ class ShallowWaterModel:
 
     def _rhs(self, owned, keep=False):
         exchange = self._exchange(owned.shape[-1])
-        eta, u, v = exchange.gather_halo(owned)
+        exchange.fill(owned)
+        eta, u, v = exchange.read(0, exchange.k)
         if keep:
             tend, lin = kernels.tendency(self.patch, eta, u, v, keep=True)
             return self._interior(tend), lin
@@ -304,19 +333,21 @@ class ShallowWaterModel:
 
     def _rhs_tl(self, lin, owned):
         exchange = self._exchange(owned.shape[-1])
-        deta, du, dv = exchange.gather_halo(owned)
-        return self._interior(kernels.tendency_tl(self.patch, lin, deta, du, dv))
+        exchange.fill(owned)
+        fields = exchange.read(0, exchange.k)
+        return self._interior(kernels.tendency_tl(self.patch, lin, *fields))
 
     def _rhs_adjoint(self, lin, owned_bar):
-        exchange = self._exchange(owned_bar.shape[-1])
-        shape = self.patch.shape + (owned_bar.shape[-1],)
+        k = owned_bar.shape[-1]
+        exchange = self._exchange(k)
+        shape = self.patch.shape + (k,)
         padded = []
         for var in range(3):
             field = np.zeros(shape)
             field[1:-1, 1:-1] = owned_bar[var]
-            padded.append(field.reshape(-1, shape[-1]))
-        bars = kernels.tendency_adjoint(self.patch, lin, *padded)
-        result = exchange.scatter_halo_adjoint(bars)
+            padded.append(field.reshape(-1, k))
+        exchange.write(kernels.tendency_adjoint(self.patch, lin, *padded), 0, k)
+        result = exchange.sum_adjoint()
         result *= self._wall_mask
         return result
 

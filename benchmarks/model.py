@@ -1,0 +1,170 @@
+"""Benchmark of the shallow-water model: forward, tangent linear, adjoint, batch, ranks.
+
+Run from the repository root::
+
+    OMP_NUM_THREADS=1 python benchmarks/model.py --preset paper --out benchmarks/model.md
+
+It times, each as the best of ``--repeat`` runs: the forward window; one
+tangent-linear and one adjoint window as ratios to the forward; a batch of
+``--batch`` directions per direction relative to one direction; and the
+forward window on 1 and 2 ranks (the 2-rank run is this script under
+``mpiexec -n 2 ... --forward-only``). Results go to stdout as a Markdown
+table and, with ``--out``, to that file with the command and the machine.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def best_time(function, repeat):
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def linearization_state(model, preset):
+    from shallow_water.state import load_spunup_state
+
+    try:
+        return model.from_natural(load_spunup_state(preset))
+    except FileNotFoundError:
+        rng = np.random.default_rng(0)
+        return model.from_natural(rng.standard_normal(model.n) * 0.1)
+
+
+def time_forward(preset, repeat):
+    from petsc4py import PETSc
+
+    from shallow_water import ShallowWaterModel, get_config
+
+    model = ShallowWaterModel(get_config(preset), comm=PETSc.COMM_WORLD)
+    x = linearization_state(model, preset)
+    model.forward(x)
+    comm = model.comm.tompi4py()
+
+    def run():
+        comm.Barrier()
+        model.forward(x)
+        comm.Barrier()
+
+    return best_time(run, repeat)
+
+
+def time_linear(preset, repeat, batch):
+    from shallow_water import ShallowWaterModel, checks, get_config
+
+    model = ShallowWaterModel(get_config(preset))
+    x = linearization_state(model, preset)
+    traj = model.linearize(x)
+    single = checks.random_directions(model, seed=1, k=1)
+    many = checks.random_directions(model, seed=2, k=batch)
+    results = {
+        "linearize": best_time(lambda: model.linearize(x), repeat),
+        "tl": best_time(lambda: model.tl(traj, single), repeat),
+        "adjoint": best_time(lambda: model.adjoint(traj, single), repeat),
+        "tl_batch": best_time(lambda: model.tl(traj, many), max(1, repeat // 2)),
+        "adjoint_batch": best_time(lambda: model.adjoint(traj, many), max(1, repeat // 2)),
+    }
+    return results
+
+
+def machine():
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="paper", help="model preset (default: paper)")
+    parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is kept (default: 3)")
+    parser.add_argument("--batch", type=int, default=100, help="directions in the batched runs (default: 100)")
+    parser.add_argument("--ranks", type=int, default=2, help="ranks of the parallel forward run (default: 2)")
+    parser.add_argument("--out", default=None, help="Markdown file for the results")
+    parser.add_argument("--forward-only", action="store_true", help="print the forward time as JSON and stop")
+    args = parser.parse_args()
+
+    from petsc_nnpc.utils import init_petsc
+
+    init_petsc([])
+    if args.forward_only:
+        seconds = time_forward(args.preset, args.repeat)
+        from petsc4py import PETSc
+
+        if PETSc.COMM_WORLD.getRank() == 0:
+            print(json.dumps({"forward": seconds, "ranks": PETSc.COMM_WORLD.getSize()}))
+        return 0
+
+    forward = time_forward(args.preset, args.repeat)
+    linear = time_linear(args.preset, args.repeat, args.batch)
+    command = [
+        "mpiexec", "--allow-run-as-root", "--oversubscribe", "-n", str(args.ranks),
+        sys.executable, os.path.abspath(__file__), "--preset", args.preset,
+        "--repeat", str(args.repeat), "--forward-only",
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    completed = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1800, check=False)
+    if completed.returncode != 0:
+        raise SystemExit(f"the {args.ranks}-rank run failed:\n{completed.stdout}\n{completed.stderr}")
+    parallel = json.loads(completed.stdout.strip().splitlines()[-1])["forward"]
+
+    single = linear["tl"] + linear["adjoint"]
+    per_direction = (linear["tl_batch"] + linear["adjoint_batch"]) / args.batch
+    rows = [
+        ("forward window, 1 rank", f"{forward * 1e3:.1f} ms", ""),
+        ("linearize (forward + stored trajectory)", f"{linear['linearize'] * 1e3:.1f} ms",
+         f"{linear['linearize'] / forward:.2f} x forward"),
+        ("tangent-linear window", f"{linear['tl'] * 1e3:.1f} ms", f"{linear['tl'] / forward:.2f} x forward"),
+        ("adjoint window", f"{linear['adjoint'] * 1e3:.1f} ms", f"{linear['adjoint'] / forward:.2f} x forward"),
+        ("TL + adjoint (one A_x v)", f"{single * 1e3:.1f} ms",
+         f"{single / forward:.2f} x forward (target <= 4)"),
+        (f"TL + adjoint per direction, batch of {args.batch}", f"{per_direction * 1e3:.1f} ms",
+         f"{per_direction / single:.2f} x one direction (target <= 0.25)"),
+        (f"forward window, {args.ranks} ranks", f"{parallel * 1e3:.1f} ms",
+         f"speed-up {forward / parallel:.2f} (target >= 1.4)"),
+    ]
+    from shallow_water import get_config
+
+    config = get_config(args.preset)
+    lines = [
+        f"# Shallow-water model benchmark ({args.preset} preset)",
+        "",
+        f"Grid {config.nx} x {config.ny} (n = {config.n}), window of {config.window_steps} RK4 steps "
+        f"of {config.dt:g} s. Best of {args.repeat} runs each.",
+        "",
+        f"Command: `OMP_NUM_THREADS=1 python benchmarks/model.py --preset {args.preset} "
+        f"--repeat {args.repeat} --batch {args.batch} --ranks {args.ranks}`",
+        "",
+        f"Machine: {machine()}.",
+        "",
+        "| measure | time | ratio |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {name} | {value} | {ratio} |" for name, value, ratio in rows]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
