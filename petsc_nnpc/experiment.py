@@ -330,3 +330,44 @@ def run_experiment(config, out_dir, force=False, progress=True, ksp_prefix="inne
     runner.run("analysis", study.analyse)
     runner.run("report", lambda: study.report(runner.seconds(), machine_description()))
     return os.path.join(runner.out_dir, "report.md")
+
+
+def run_evaluation(config, out_dir, models, force=False, progress=True, ksp_prefix="inner_"):
+    """Run the twin experiment, analysis and report with trained networks; return ``report.md``.
+
+    ``models`` maps each form of ``config.forms`` to a checkpoint folder
+    written by ``nnpc train``; no training set is generated.
+    """
+    from petsc_nnpc.network import read_checkpoint_metadata
+    from petsc_nnpc.study import Study
+
+    missing = [form for form in config.forms if form not in models]
+    if missing:
+        raise ExperimentError(
+            f"no network given for the form(s) {', '.join(missing)}: pass --model PATH "
+            "(and --model-bhalf PATH when --forms includes bhalf)"
+        )
+    for form, path in models.items():
+        metadata = read_checkpoint_metadata(path)
+        saved_form = metadata.get("form")
+        if saved_form not in (None, form):
+            raise ExperimentError(
+                f"the network {path} was trained for the {saved_form} form, not {form}: "
+                "give a checkpoint trained on that operator"
+            )
+        trained_rank = metadata.get("rank", metadata.get("network", {}).get("rank"))
+        if trained_rank is not None and max(config.ranks) > int(trained_rank):
+            raise ExperimentError(
+                f"--ranks {max(config.ranks)} exceeds the {int(trained_rank)} eigenpairs that "
+                f"{path} predicts: use ranks up to {int(trained_rank)}"
+            )
+    runner = StageRunner(out_dir, config, force=force)
+    study = Study(config, runner.out_dir, progress=progress, ksp_prefix=ksp_prefix,
+                  models=models)
+    runner.run("states", study.prepare_states)
+    for form in config.forms:
+        runner.run(f"static-{form}", lambda form=form: study.static_eigenpairs(form))
+    runner.run("evaluate", study.evaluate)
+    runner.run("analysis", study.analyse)
+    runner.run("report", lambda: study.report(runner.seconds(), machine_description()))
+    return os.path.join(runner.out_dir, "report.md")

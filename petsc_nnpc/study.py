@@ -62,7 +62,7 @@ def leading_eigenpairs(mat, rank, tol=1e-8, seed=0):
 class Study:
     """The data and stage functions of one experiment folder."""
 
-    def __init__(self, config, out_dir, progress=True, ksp_prefix="inner_"):
+    def __init__(self, config, out_dir, progress=True, ksp_prefix="inner_", models=None):
         from petsc_nnpc.fourdvar import create_preset_model
         from petsc_nnpc.layout import NaturalLayout
 
@@ -70,6 +70,7 @@ class Study:
         self.out_dir = out_dir
         self.progress = progress
         self.ksp_prefix = ksp_prefix
+        self.models = dict(models or {})
         self.model = create_preset_model(config.preset)
         self.mpi = self.model.comm.tompi4py()
         self.layout = NaturalLayout(self.model.comm, self.model.natural_indices(), self.model.n)
@@ -86,6 +87,8 @@ class Study:
 
     def model_path(self, form):
         """Return the checkpoint folder of the trained network for ``form``."""
+        if form in self.models:
+            return os.path.abspath(self.models[form])
         return os.path.join(self.training_path(form), "model")
 
     def static_path(self, form):

@@ -1,0 +1,44 @@
+"""``nnpc evaluate``: the cycled twin experiment over a set of preconditioners."""
+
+import logging
+
+from petsc_nnpc.commands.experiment import add_common_arguments, check_device, config_from_args
+
+NAME = "evaluate"
+HELP = (
+    "solve every inner loop of a cycled twin experiment with each preconditioner "
+    "(none, nnpc, lmpexact, lmpnystrom, lmpritz, static LMP) and write the report"
+)
+
+logger = logging.getLogger("petsc_nnpc.experiment")
+
+
+def add_arguments(parser):
+    add_common_arguments(parser)
+    parser.add_argument("--model", required=True,
+                        help="checkpoint folder of the network for the first form, "
+                             "as written by 'nnpc train' (its 'model' subfolder)")
+    parser.add_argument("--model-bhalf", default=None,
+                        help="checkpoint of the network trained on the bhalf form, "
+                             "when --forms lists bhalf after paper")
+
+
+def run(args, petsc_args):
+    from petsc_nnpc.experiment import ExperimentError, run_evaluation
+
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        raise SystemExit(f"nnpc: error: {error}") from None
+    check_device(config.device)
+    models = {config.forms[0]: args.model}
+    if args.model_bhalf is not None:
+        models["bhalf"] = args.model_bhalf
+    try:
+        report = run_evaluation(config, args.out, models, force=args.force,
+                                progress=not args.no_progress)
+    except ExperimentError as error:
+        logger.error("%s", error)
+        return 1
+    logger.info("report written to %s", report)
+    return 0
