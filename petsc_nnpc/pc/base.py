@@ -188,7 +188,8 @@ class LMPBase:
 
     def _parse(self, option, value, label):
         if value is None:
-            return None
+            # A flag given without a value, such as -pc_nnpc_refine, turns a bool option on.
+            return True if option.kind == "bool" else None
         text = str(value).strip()
         if option.kind == "bool":
             if isinstance(value, bool):
