@@ -240,7 +240,7 @@ def check_symmetric_solver(ksp):
         return
     raise ValueError(
         f"KSP {ksp_type} needs a symmetric positive definite preconditioner, but "
-        f"-{prefix}pc_type {pc_type} is not symmetric: use -{prefix}pc_type none, jacobi, "
+        f"-{prefix}pc_type {pc_type} is not symmetric: use -{prefix}pc_type none, "
         f"an LMP type (nnpc, lmpexact, lmpnystrom, lmpritz), or -{prefix}ksp_type gmres"
     )
 
@@ -594,6 +594,12 @@ class TwinConfig:
         return dataclasses.asdict(self)
 
 
+def cycle_steps(twin_config, cycle):
+    """Return the seeded random number of steps the truth advances by in ``cycle``."""
+    rng = _natural_rng(twin_config.seed, 2, cycle)
+    return int(rng.integers(twin_config.min_steps, twin_config.max_steps + 1))
+
+
 def _rmse_by_variable(operator, layout, x, reference):
     difference = layout.gather(
         x.getArray(readonly=True) - reference.getArray(readonly=True), to_all=True
@@ -747,8 +753,7 @@ class TwinExperiment:
         try:
             for cycle in cycles:
                 # Generate observations.
-                steps = int(_natural_rng(config.seed, 2, cycle).integers(
-                    config.min_steps, config.max_steps + 1))
+                steps = cycle_steps(config, cycle)
                 truth = self.model.advance(truth, steps)
                 if config.first_guess == "forecast":
                     x = self.model.advance(x, steps)
@@ -804,27 +809,48 @@ def create_preset_model(preset, comm=None):
     return ShallowWaterModel(get_config(preset), comm=comm or PETSc.COMM_WORLD)
 
 
+def first_twin_system(model, da_config, twin_config, base, background):
+    """Return the inner-loop system of the twin experiment's first cycle, unsolved.
+
+    It is the system that :class:`TwinExperiment` solves in cycle 0 with the
+    same configuration: the truth and the linearization state are ``base``
+    with independent perturbations, the truth is advanced by the cycle's
+    random number of steps and observed with noise.
+
+    Cost: the advance of the truth, two forward runs (observations and the
+    stored trajectory) and one adjoint run.
+    """
+    operator = GaussNewtonOperator.from_config(model, da_config)
+    truth = perturb(operator, base, twin_config.perturbation, twin_config.seed, 0)
+    state = perturb(operator, base, twin_config.perturbation, twin_config.seed, 1)
+    steps = cycle_steps(twin_config, 0)
+    truth = model.advance(truth, steps)
+    if twin_config.first_guess == "forecast":
+        state = model.advance(state, steps)
+    y = observe_with_noise(operator, truth, twin_config.seed, 3, 0,
+                           noise=twin_config.observation_noise)
+    return make_inner_loop_system(model, da_config, state, y, background, truth=truth)
+
+
 def build_inner_loop_system(preset, form=None, seed=0, perturbation=0.2, steps=None,
                             observation_noise=True, comm=None):
     """Build the first inner-loop system of the twin experiment on a model preset.
 
     The truth and the linearization state are the preset's spun-up state
-    with independent perturbations (``perturbation`` × σ_b per entry); the
-    truth is advanced by ``steps`` time steps (a seeded random number in
-    ``[1, window_steps]`` when omitted) and observed with noise. The same
-    seed gives the same system on any number of ranks.
-
-    Cost: two forward runs, one forward run with the trajectory stored and
-    one adjoint run, plus the advance of the truth.
+    with independent perturbations (``perturbation`` × σ_b per entry). The
+    truth is advanced by ``steps`` time steps, or by a seeded random number
+    in ``[1, window_steps]`` when ``steps`` is omitted, and observed with
+    noise. The same seed gives the same system on any number of ranks.
+    See :func:`first_twin_system` for the cost.
     """
     model = create_preset_model(preset, comm)
-    config = da_config_for_preset(preset, form=form)
+    da_config = da_config_for_preset(preset, form=form)
+    twin_config = TwinConfig(
+        min_steps=1 if steps is None else steps,
+        max_steps=model.config.window_steps if steps is None else steps,
+        perturbation=perturbation,
+        observation_noise=observation_noise,
+        seed=seed,
+    )
     base, background = load_preset_states(model)
-    operator = GaussNewtonOperator.from_config(model, config)
-    truth = perturb(operator, base, perturbation, seed, 0)
-    state = perturb(operator, base, perturbation, seed, 1)
-    if steps is None:
-        steps = int(_natural_rng(seed, 2, 0).integers(1, model.config.window_steps + 1))
-    truth = model.advance(truth, steps)
-    y = observe_with_noise(operator, truth, seed, 3, 0, noise=observation_noise)
-    return make_inner_loop_system(model, config, state, y, background, truth=truth)
+    return first_twin_system(model, da_config, twin_config, base, background)

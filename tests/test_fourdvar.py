@@ -276,3 +276,16 @@ def test_twin_rejects_other_run(model, base, tmp_path):
 def test_twin_config_validated(fields, message):
     with pytest.raises(ValueError, match=message):
         TwinConfig(**fields)
+
+
+def test_first_twin_system_matches_cycle_zero(model, base):
+    from petsc_nnpc.fourdvar import first_twin_system
+
+    seen = {}
+
+    def keep_rhs(cycle, outer, operator, mat, b):
+        seen.setdefault((cycle, outer), b.getArray().copy())
+
+    TwinExperiment(model, TOY_CONFIG, TWIN, base, base).run(on_system=keep_rhs, progress=False)
+    system = first_twin_system(model, TOY_CONFIG, TWIN, base, base)
+    np.testing.assert_array_equal(system.rhs.getArray(), seen[(0, 0)])
