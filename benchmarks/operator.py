@@ -36,7 +36,14 @@ from petsc_nnpc.utils import atomic_write_bytes, atomic_write_json, init_petsc
 
 PETSc = init_petsc([])
 
-from petsc_nnpc.fourdvar import InnerSolver, build_inner_loop_system  # noqa: E402
+from petsc_nnpc.fourdvar import (  # noqa: E402
+    InnerSolver,
+    TwinConfig,
+    build_inner_loop_system,
+    create_preset_model,
+    first_twin_system,
+)
+from petsc_nnpc.operator import da_config_for_preset  # noqa: E402
 
 PARTS = ("products", "cg", "eigs")
 
@@ -53,6 +60,10 @@ def parse_args(argv=None):
     parser.add_argument("--lanczos-steps", type=int, default=10,
                         help="block Lanczos steps (block × steps products)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the system and the vectors")
+    parser.add_argument("--state", default=None, metavar="FILE",
+                        help="spun-up state file to use instead of the preset's shipped one")
+    parser.add_argument("--background", default=None, metavar="FILE",
+                        help="background state file to use instead of the preset's shipped one")
     parser.add_argument("--out", default="benchmarks/operator.md",
                         help="Markdown page to write; the JSON goes beside it")
     args = parser.parse_args(argv)
@@ -63,8 +74,24 @@ def parse_args(argv=None):
     for name in ("k", "repeats", "block", "lanczos_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} = {getattr(args, name)} is invalid: use >= 1")
+    if (args.state is None) != (args.background is None):
+        parser.error("--state and --background go together: give both or neither")
     args.parts = parts
     return args
+
+
+def build_system(args, form=None):
+    """Return the twin experiment's first system, from shipped or given states."""
+    if args.state is None:
+        return build_inner_loop_system(args.preset, form=form, seed=args.seed)
+    from shallow_water.state import load_state
+
+    model = create_preset_model(args.preset)
+    base = model.from_natural(load_state(args.state, model.config))
+    background = model.from_natural(load_state(args.background, model.config))
+    twin_config = TwinConfig(max_steps=model.config.window_steps, seed=args.seed)
+    return first_twin_system(model, da_config_for_preset(args.preset, form=form), twin_config,
+                             base, background)
 
 
 def natural_block(system, seed, k):
@@ -105,9 +132,9 @@ def bench_products(system, args):
     }
 
 
-def bench_cg(system, form, seed):
+def bench_cg(system, form, args):
     if form != system.operator.form:
-        system = build_inner_loop_system(system.model.config.preset, form=form, seed=seed)
+        system = build_system(args, form=form)
     solver = InnerSolver(system.mat)
     solver.ksp.setComputeSingularValues(True)
     _, record = solver.solve(system.rhs)
@@ -208,7 +235,12 @@ def render_markdown(results):
         f"commit {results['commit']}; {results['date']}.",
         "",
         f"System: preset `{results['preset']}`, n = {results['n']}, "
-        f"{results['observations']} observations, seed {results['seed']}.",
+        f"{results['observations']} observations, seed {results['seed']}, "
+        f"states {results['states']}.",
+        "",
+        f"Load average at the start: {results['load_average_at_start']:.1f} on "
+        f"{os.cpu_count()} cores. Other jobs shared the machine when it is above the "
+        "core count, and then the times are upper bounds.",
         "",
     ]
     products = results.get("products")
@@ -272,7 +304,7 @@ def render_markdown(results):
 def main(argv=None):
     args = parse_args(argv)
     mpi = PETSc.COMM_WORLD.tompi4py()
-    system = build_inner_loop_system(args.preset, seed=args.seed)
+    system = build_system(args)
     results = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join([sys.argv[0], *sys.argv[1:]]),
         "machine": machine_description(),
@@ -283,12 +315,14 @@ def main(argv=None):
         "n": system.operator.n,
         "observations": system.operator.observations.p,
         "seed": args.seed,
+        "states": "shipped" if args.state is None else f"{args.state}, {args.background}",
+        "load_average_at_start": os.getloadavg()[0],
     }
     if "products" in args.parts:
         results["products"] = bench_products(system, args)
         PETSc.Sys.Print(json.dumps(results["products"]))
     if "cg" in args.parts:
-        results["cg"] = [bench_cg(system, form, args.seed) for form in ("paper", "bhalf")]
+        results["cg"] = [bench_cg(system, form, args) for form in ("paper", "bhalf")]
         PETSc.Sys.Print(json.dumps(results["cg"]))
     if "eigs" in args.parts:
         results["eigs"] = bench_eigs(system, args)
