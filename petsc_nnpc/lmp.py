@@ -155,6 +155,8 @@ class ScaledSpectralLMP:
         else:
             scaled = self.update[:, None] * coefficients
         result = self.U @ scaled.astype(self.U.dtype, copy=False)
+        # Two products with U (2 · local_size · r each) and the update, per column.
+        PETSc.Log.logFlops(x.size * (4 * self.rank + 2))
         if out is None:
             return self.beta * x + result
         np.multiply(x, self.beta, out=out)

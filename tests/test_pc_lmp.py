@@ -227,7 +227,7 @@ def test_ksp_view_reports_lmp(system, problem, tmp_path):
     assert "type: nnpc" in text
     assert "rank: 12" in text
     assert "theta = mu^2 = min(lambda)" in text
-    assert "device: cpu" in text
+    assert "device: network on cpu of rank 0" in text
     assert "setup: 1 setups" in text
 
 
@@ -307,6 +307,28 @@ def test_non_orthonormal_vectors(system, problem):
     U = np.random.default_rng(16).standard_normal((problem.n, 4))
     solve_expecting(A, b, "nnpc", ValueError, "not orthonormal",
                     predictor=FixedPredictor(U, np.array([4.0, 3.0, 2.0, 1.0])))
+
+
+def test_nan_in_vectors(system, problem):
+    _, A, b = system
+    U, _ = np.linalg.qr(np.random.default_rng(17).standard_normal((problem.n, 4)))
+    U[3, 2] = np.nan
+    solve_expecting(A, b, "nnpc", ValueError, "NaN or Inf",
+                    predictor=FixedPredictor(U, np.array([4.0, 3.0, 2.0, 1.0])))
+
+
+def test_invalid_precision(system, problem):
+    _, A, b = system
+    solve_expecting(A, b, "nnpc", ValueError, "invalid -pc_nnpc_precision",
+                    {"pc_nnpc_precision": "half"}, StandInPredictor(problem, rank=4))
+
+
+def test_flag_without_value_turns_on(system, problem):
+    _, A, _ = system
+    PETSc.Options()["pc_nnpc_refine"] = None
+    ksp = make_ksp(A, "nnpc")
+    ksp.setFromOptions()
+    assert ksp.getPC().getPythonContext().parameters["refine"] is True
 
 
 def test_network_for_another_grid(system):

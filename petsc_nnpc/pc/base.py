@@ -357,7 +357,10 @@ class LMPBase:
         lines = [
             f"{self.class_name}: spectral LMP P = L L^T, L = I + U (mu Lambda^(-1/2) - I) U^T",
         ]
-        lines += ["  " + line for line in self.describe_source()]
+        source_lines = self.describe_source()
+        if not any(line.startswith("device:") for line in source_lines):
+            source_lines.append("device: host CPU (numpy) on every rank")
+        lines += ["  " + line for line in source_lines]
         if self.lmp is None:
             lines.append("  rank: 0 (identity: no eigenpairs yet)")
         else:

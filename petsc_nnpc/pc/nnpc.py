@@ -294,7 +294,8 @@ class NNPC(LMPBase):
         lines = [f"source: {self.predictor_source or 'no network loaded yet'}"]
         if self.predictor_rank is not None:
             lines.append(f"network rank: {self.predictor_rank}")
-        lines.append(f"device: {self.parameters['device']} (rank {self.root})")
+        lines.append(f"device: network on {self.parameters['device']} of rank {self.root}, "
+                     f"applications with numpy on every rank")
         lines.append(f"refinement: {'Rayleigh-Ritz with one block product' if self.parameters['refine'] else 'off'}")
         return lines
 
