@@ -23,6 +23,8 @@ def test_iterations_same_on_one_and_two_ranks():
     assert one["iterations"] == two["iterations"]
     for name, residual in two["residuals"].items():
         assert residual < 1e-6, f"{name}: true relative residual {residual:.3g}"
+    for message in two["errors"]:
+        assert "provides 30 eigenpairs" in message
     none = one["iterations"]["none"]
     for name in ("lmpexact", "lmpnystrom", "nnpc", "nnpc_refine", "lmpritz"):
         assert one["iterations"][name] < none, f"{name} does not beat no preconditioner"

@@ -201,10 +201,12 @@ class LMPExact(LMPBase):
 
     def _slepc(self, A, products, wanted):
         """Leading eigenpairs from SLEPc's EPS on the shell operator."""
+        # NOTE: slepc4py was not installed where this was written, so this
+        # path has not been run; the other methods are tested.
         from slepc4py import SLEPc
 
         comm = A.getComm()
-        counted = PETSc.Mat().createPython(A.getSizes(), _CountedOperator(A, products), comm=comm)
+        counted = PETSc.Mat().createPython(A.getSizes(), _CountedOperator(products), comm=comm)
         counted.setUp()
         eps = SLEPc.EPS().create(comm=comm)
         eps.setOperators(counted)
@@ -240,7 +242,7 @@ class LMPExact(LMPBase):
 class _CountedOperator:
     """MATPYTHON context that forwards products to a Mat through a counting BlockProduct."""
 
-    def __init__(self, A, products):
+    def __init__(self, products):
         self.products = products
 
     def mult(self, mat, x, y):

@@ -30,6 +30,7 @@ def main():
     operator.linearize(problem.state(0.5))
     b_natural = np.random.default_rng(21).standard_normal(problem.n)
     b = operator.natural_to_vec(b_natural)
+
     options = PETSc.Options()
     options["pc_lmpexact_rank"] = 20
     options["pc_lmpnystrom_rank"] = 20
@@ -37,6 +38,7 @@ def main():
     options["pc_lmpritz_rank"] = 20
     options["pc_nnpc_rank"] = 20
     options["pc_nnpc_mu"] = "spectral"
+
     results = {}
     residuals = {}
     for name in ("none", "lmpexact", "lmpnystrom", "nnpc", "nnpc_refine", "lmpritz"):
@@ -55,8 +57,20 @@ def main():
         if reason <= 0:
             raise RuntimeError(f"{name}: CG diverged with reason {reason}")
         operator.linearize(problem.state(0.5))
+
+    # A bad rank must raise on every rank, not hang the ranks that wait for rank 0.
+    options["pc_nnpc_rank"] = 31
+    ksp = make_ksp(A, "nnpc")
+    ksp.getPC().getPythonContext().set_predictor(StandInPredictor(problem, 30))
+    ksp.setFromOptions()
+    try:
+        solve(ksp, b)
+        rank_error = ""
+    except ValueError as error:
+        rank_error = str(error)
+    errors = PETSc.COMM_WORLD.tompi4py().allgather(rank_error)
     if PETSc.COMM_WORLD.getRank() == 0:
-        print(json.dumps({"iterations": results, "residuals": residuals}))
+        print(json.dumps({"iterations": results, "residuals": residuals, "errors": errors}))
 
 
 if __name__ == "__main__":
