@@ -17,6 +17,10 @@ Options of this example:
 
 ``-preset tiny|small|paper``  model preset (default ``tiny``)
 ``-form paper|bhalf``         solve for ``δx`` or for ``v = B^{-1/2} δx`` (default ``paper``)
+``-obs_stride S``             observe η at every S-th cell in each direction (preset's default)
+``-obs_sigma S``              observation-error standard deviation σ_o, in m
+``-bkg_sigma_eta S``, ``-bkg_sigma_u S``, ``-bkg_sigma_v S``
+                              background-error standard deviations (m, m/s)
 ``-seed N``                   seed of the perturbations and the noise (default 0)
 ``-record FILE``              write the solve record as JSON (only if the solve converged)
 """
@@ -30,17 +34,19 @@ PETSc = init_petsc()
 
 import petsc_nnpc  # noqa: E402,F401  (registers the LMP preconditioner types)
 from petsc_nnpc.fourdvar import build_inner_loop_system, solve_inner_loop  # noqa: E402
+from petsc_nnpc.operator import da_config_from_options  # noqa: E402
 
 
 def main():
     setup_logging()
     options = PETSc.Options()
     preset = options.getString("preset", "tiny")
-    form = options.getString("form", "paper")
     seed = options.getInt("seed", 0)
     record_path = options.getString("record", "")
+    da_config = da_config_from_options(preset, options)
+    form = da_config.form
 
-    system = build_inner_loop_system(preset, form=form, seed=seed)
+    system = build_inner_loop_system(preset, seed=seed, da_config=da_config)
     extra = {} if options.hasName("ksp_converged_reason") else {"ksp_converged_reason": None}
     solution, record = solve_inner_loop(system, options=extra)
 

@@ -16,6 +16,9 @@ Options of this example:
 
 ``-preset tiny|small|paper``      model preset (default ``tiny``)
 ``-form paper|bhalf``             inner-loop form (default ``paper``)
+``-obs_stride S``, ``-obs_sigma S``, ``-bkg_sigma_eta S``, ``-bkg_sigma_u S``, ``-bkg_sigma_v S``
+                                  observation network and error standard deviations,
+                                  as in examples/solve_inner_loop.py
 ``-cycles N``                     assimilation cycles (default 3)
 ``-outer_loops N``                outer loops per cycle (default 1)
 ``-min_steps N``, ``-max_steps N`` range of the truth's random advance per cycle
@@ -41,14 +44,15 @@ from petsc_nnpc.fourdvar import (  # noqa: E402
     create_preset_model,
     load_preset_states,
 )
-from petsc_nnpc.operator import da_config_for_preset  # noqa: E402
+from petsc_nnpc.operator import da_config_from_options  # noqa: E402
 
 
 def main():
     setup_logging()
     options = PETSc.Options()
     preset = options.getString("preset", "tiny")
-    form = options.getString("form", "paper")
+    da_config = da_config_from_options(preset, options)
+    form = da_config.form
     out = options.getString("out", "") or None
 
     model = create_preset_model(preset)
@@ -63,8 +67,7 @@ def main():
         seed=options.getInt("seed", 0),
     )
     base, background = load_preset_states(model)
-    experiment = TwinExperiment(
-        model, da_config_for_preset(preset, form=form), twin_config, base, background, out=out)
+    experiment = TwinExperiment(model, da_config, twin_config, base, background, out=out)
     records = experiment.run()
 
     PETSc.Sys.Print(f"twin experiment on preset {preset}, form {form}, n = {model.n}")

@@ -833,7 +833,7 @@ def first_twin_system(model, da_config, twin_config, base, background):
 
 
 def build_inner_loop_system(preset, form=None, seed=0, perturbation=0.2, steps=None,
-                            observation_noise=True, comm=None):
+                            observation_noise=True, comm=None, da_config=None):
     """Build the first inner-loop system of the twin experiment on a model preset.
 
     The truth and the linearization state are the preset's spun-up state
@@ -841,10 +841,13 @@ def build_inner_loop_system(preset, form=None, seed=0, perturbation=0.2, steps=N
     truth is advanced by ``steps`` time steps, or by a seeded random number
     in ``[1, window_steps]`` when ``steps`` is omitted, and observed with
     noise. The same seed gives the same system on any number of ranks.
+    ``da_config`` replaces the preset's observations and covariances
+    (:func:`da_config_for_preset`), and then ``form`` is not used.
     See :func:`first_twin_system` for the cost.
     """
     model = create_preset_model(preset, comm)
-    da_config = da_config_for_preset(preset, form=form)
+    if da_config is None:
+        da_config = da_config_for_preset(preset, form=form)
     twin_config = TwinConfig(
         min_steps=1 if steps is None else steps,
         max_steps=model.config.window_steps if steps is None else steps,

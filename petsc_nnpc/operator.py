@@ -206,6 +206,29 @@ def da_config_for_preset(preset, form=None):
     return DAConfig(observations=presets[preset], form=form or "paper")
 
 
+def da_config_from_options(preset, options, form=None):
+    """Return the preset's :class:`DAConfig` with overrides from a PETSc options database.
+
+    Reads ``-form paper|bhalf``, ``-obs_stride s``, ``-obs_sigma σ_o`` and
+    ``-bkg_sigma_NAME σ`` for each variable NAME (e.g. ``-bkg_sigma_eta 5``),
+    each falling back on the preset's value.
+    """
+    base = da_config_for_preset(preset, form=form)
+    observations = base.observations
+    stride = options.getInt("obs_stride", observations.stride)
+    sigma_o = options.getReal("obs_sigma", observations.sigma_o)
+    sigmas = {
+        name: options.getReal(f"bkg_sigma_{name}", value)
+        for name, value in base.background_error.sigmas.items()
+    }
+    return DAConfig(
+        observations=ObservationConfig(variable=observations.variable, stride=stride,
+                                       indices=observations.indices, sigma_o=sigma_o),
+        background_error=BackgroundErrorConfig(sigmas),
+        form=options.getString("form", base.form),
+    )
+
+
 def _check_finite_vec(vec, what):
     local_bad = int(not np.all(np.isfinite(vec.getArray(readonly=True))))
     if vec.getComm().tompi4py().allreduce(local_bad) > 0:

@@ -410,3 +410,22 @@ def test_bad_form_and_model_rejected(model):
         GaussNewtonOperator(model, TOY_CONFIG.observations, TOY_CONFIG.background_error, "bhalfx")
     with pytest.raises(TypeError, match="does not implement the DAModel interface"):
         GaussNewtonOperator(object(), TOY_CONFIG.observations, TOY_CONFIG.background_error)
+
+
+def test_da_config_from_options():
+    from petsc_nnpc.operator import da_config_from_options
+
+    options = PETSc.Options("dacfg_")
+    for name, value in [("obs_stride", "2"), ("obs_sigma", "0.5"), ("bkg_sigma_u", "0.05"),
+                        ("form", "bhalf")]:
+        options.setValue(name, value)
+    try:
+        config = da_config_from_options("paper", options)
+    finally:
+        for name in ("obs_stride", "obs_sigma", "bkg_sigma_u", "form"):
+            options.delValue(name)
+    assert config.observations.stride == 2
+    assert config.observations.sigma_o == 0.5
+    assert config.background_error.sigmas == {"eta": 5.0, "u": 0.05, "v": 0.1}
+    assert config.form == "bhalf"
+    assert da_config_from_options("paper", options) == da_config_for_preset("paper")
