@@ -52,6 +52,12 @@ SYMMETRIC_KSP_TYPES = frozenset({
 #: Preconditioners that are not symmetric in their PETSc default settings.
 NONSYMMETRIC_PC_TYPES = frozenset({"sor", "ilu", "kaczmarz", "eisenstat"})
 
+#: Preconditioners that read matrix entries, which a shell matrix does not have.
+ENTRY_PC_TYPES = frozenset({
+    "jacobi", "pbjacobi", "vpbjacobi", "bjacobi", "asm", "gasm", "icc", "ilu", "lu",
+    "cholesky", "sor", "eisenstat", "gamg", "hypre", "ml", "spai", "kaczmarz", "svd",
+})
+
 _REASON_TEXT = {
     "CONVERGED_RTOL": "the residual norm fell below rtol times the norm of the right-hand side",
     "CONVERGED_RTOL_NORMAL": "the normal-equation residual fell below rtol",
@@ -197,6 +203,23 @@ def _apply_defaults(ksp):
     ksp.getPC().setType(KSP_DEFAULTS["pc_type"])
 
 
+def check_shell_preconditioner(ksp):
+    """Raise ``ValueError`` when the PC needs matrix entries that a shell Mat lacks.
+
+    The Gauss-Newton matrix only applies products, so PC types such as
+    Jacobi, ILU or GAMG fail inside PETSc; this check names the fix first.
+    """
+    A, P = ksp.getOperators()
+    pc_type = ksp.getPC().getType()
+    if P.getType() == "python" and pc_type in ENTRY_PC_TYPES:
+        prefix = ksp.getOptionsPrefix() or ""
+        raise ValueError(
+            f"-{prefix}pc_type {pc_type} needs matrix entries, but the Gauss-Newton matrix is "
+            f"a shell matrix that only applies products: use -{prefix}pc_type none or an LMP "
+            "type (nnpc, lmpexact, lmpnystrom, lmpritz)"
+        )
+
+
 def check_symmetric_solver(ksp):
     """Raise ``ValueError`` when a CG-type KSP would use a non-symmetric preconditioner.
 
@@ -276,6 +299,7 @@ class InnerSolver:
         with inserted_options(self.prefix, self.options):
             ksp.setFromOptions()
             check_symmetric_solver(ksp)
+            check_shell_preconditioner(ksp)
         self.ksp = ksp
         self._norms = []
         ksp.setMonitor(self._monitor)
@@ -304,7 +328,14 @@ class InnerSolver:
             ksp.setUp()
             setup_time = time.perf_counter() - start
             setup_products = operator.products - products_before
-            ksp.solve(b, x)
+            try:
+                ksp.solve(b, x)
+            except PETSc.Error as error:
+                raise RuntimeError(
+                    f"the inner solve failed inside PETSc (error code {error.ierr}) with KSP "
+                    f"{ksp.getType()} and PC {ksp.getPC().getType()}: see PETSc's traceback "
+                    "above and check the -ksp_ and -pc_ options"
+                ) from error
             wall_time = time.perf_counter() - start
         products = operator.products - products_before
         reason = ksp.getConvergedReason()

@@ -147,6 +147,8 @@ def test_inserted_options_restores_database():
     ({"pc_type": "ilu"}, "-pc_type ilu is not symmetric"),
     ({"ksp_pc_side": "right"}, "preconditioner side is right"),
     ({"ksp_type": "minres", "ksp_pc_side": "symmetric"}, "preconditioner side is symmetric"),
+    ({"pc_type": "jacobi"}, "-pc_type jacobi needs matrix entries"),
+    ({"ksp_type": "gmres", "pc_type": "sor"}, "-pc_type sor needs matrix entries"),
 ])
 def test_nonsymmetric_preconditioner_rejected(system, options, message):
     with pytest.raises(ValueError, match=message):
