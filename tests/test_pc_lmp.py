@@ -203,6 +203,25 @@ def test_ritz_second_nearby_system(problem):
     assert context.setup_products == 0
 
 
+def test_ritz_sequence_keeps_helping(problem):
+    operator = SpectralOperator(problem)
+    A = operator.create_mat()
+    rng = np.random.default_rng(18)
+    b = operator.create_state()
+    PETSc.Options()["pc_lmpritz_rank"] = 20
+    ksp = make_ksp(A, "lmpritz")
+    ksp.setFromOptions()
+    for step, parameter in enumerate([0.5, 0.55, 0.6, 0.65]):
+        operator.linearize(problem.state(parameter))
+        b.getArray()[:] = rng.standard_normal(b.getLocalSize())
+        none, _ = iterations(A, b, "none")
+        x, its, reason = solve(ksp, b)
+        assert reason > 0
+        assert true_relative_residual(A, b, x) < 10 * RTOL
+        if step > 0:
+            assert its < 0.6 * none, f"solve {step}: {its} iterations against {none} without"
+
+
 def test_ritz_residuals_match_true_residuals(system):
     operator, A, b = system
     PETSc.Options()["pc_lmpritz_rank"] = 5
@@ -213,6 +232,20 @@ def test_ritz_residuals_match_true_residuals(system):
     AY = operator.mult_block(pairs.U)
     residuals = np.linalg.norm(AY - pairs.U * pairs.lam, axis=0) / pairs.lam
     assert residuals.max() <= 1e-2
+
+
+def test_preconditioned_norm_warning(system, caplog):
+    _, A, b = system
+    PETSc.Options()["pc_lmpexact_rank"] = 20
+    ksp = make_ksp(A, "lmpexact")
+    ksp.setNormType(PETSc.KSP.NormType.PRECONDITIONED)
+    ksp.setFromOptions()
+    with caplog.at_level("WARNING", logger="petsc_nnpc"):
+        solve(ksp, b)
+        solve(ksp, b)
+    warnings = [record for record in caplog.records if "preconditioned residual" in record.message]
+    assert len(warnings) == 1
+    assert "-ksp_norm_type unpreconditioned" in warnings[0].message
 
 
 def test_ksp_view_reports_lmp(system, problem, tmp_path):

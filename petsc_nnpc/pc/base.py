@@ -250,11 +250,26 @@ class LMPBase:
         key = self.operator_state_key(A)
         if key != self.state_key:
             self._build(pc, A, key)
-        if not self._norm_warning_given and ksp.getNormType() == PETSc.KSP.NormType.PRECONDITIONED:
+        if ksp.getNormType() == PETSc.KSP.NormType.PRECONDITIONED:
+            self._warn_preconditioned_norm()
+
+    def _warn_preconditioned_norm(self):
+        """Warn once when ``‖P r‖`` decides convergence and ``P`` is far from ``I``.
+
+        The relative test on ``‖P r‖`` can stop while ``‖r‖ / ‖b‖`` is up to
+        ``cond(P)`` times larger than the tolerance.
+        """
+        if self._norm_warning_given or self.lmp is None:
+            return
+        eigenvalues = np.append(self.lmp.mu ** 2 / self.lmp.lam, 1.0)
+        condition = eigenvalues.max() / eigenvalues.min()
+        if condition > 10.0:
             self._norm_warning_given = True
-            log.info(
-                "%s: the KSP tests convergence on the preconditioned residual ||P r||; "
-                "use -ksp_norm_type unpreconditioned to test ||b - A x||", self.class_name,
+            log.warning(
+                "%s: the KSP tests convergence on the preconditioned residual ||P r|| and "
+                "cond(P) = %.3g, so ||b - A x|| / ||b|| may end up to %.3g times above the "
+                "tolerance; use -ksp_norm_type unpreconditioned to test ||b - A x||",
+                self.class_name, condition, condition,
             )
 
     def reset(self, pc):

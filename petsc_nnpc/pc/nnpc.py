@@ -168,7 +168,7 @@ class NNPC(LMPBase):
         if callable(indices):
             indices = indices()
         n = getattr(context, "n", None)
-        key = (A.handle, None if indices is None else id(indices))
+        key = A.handle
         layout = self._layouts.get(key)
         if layout is None:
             if indices is None or n is None:

@@ -5,7 +5,7 @@ import logging
 import numpy as np
 from petsc4py import PETSc
 
-from petsc_nnpc.lmp import logged, orthonormalize, rayleigh_ritz
+from petsc_nnpc.lmp import allreduce_sum, logged, mpi_comm, orthonormalize, rayleigh_ritz
 from petsc_nnpc.pc.base import Eigenpairs, LMPBase, Option
 
 log = logging.getLogger("petsc_nnpc.pc.ritz")
@@ -36,8 +36,8 @@ class LMPRitz(LMPBase):
     ``θ_i`` first, up to the rank, and precondition the next solve.
 
     The first solve is unpreconditioned. The memory is ``2 · max_vectors``
-    local vectors; a solve that runs longer records only its first
-    ``max_vectors`` iterations.
+    local vectors, plus ``2 r`` for the kept pairs and their products. A
+    solve that runs longer records only its first ``max_vectors`` iterations.
 
     PETSc Options
     -------------
@@ -50,6 +50,14 @@ class LMPRitz(LMPBase):
         converged (default 1e-2).
     -pc_lmpritz_max_vectors <int>
         Largest number of iterates and residuals recorded per solve (default 100).
+    -pc_lmpritz_keep_previous <bool>
+        Add the pairs that preconditioned a solve to the Rayleigh-Ritz basis
+        built after it (default true). A solve preconditioned with them has
+        deflated their directions, so without them its own Krylov subspace
+        rarely contains converged leading pairs and every other solve would run
+        unpreconditioned. Their products ``A y`` are those of the operator
+        of their own solve, so for a changed operator their residuals are
+        estimates; no new product is spent.
     -pc_lmpritz_orthonormality_tolerance <float>
         Largest accepted deviation of ``UᵀU`` from ``I`` (default 1e-6).
     -pc_lmpritz_precision <double|single>
@@ -61,12 +69,15 @@ class LMPRitz(LMPBase):
     OPTIONS = LMPBase.OPTIONS + (
         Option("tol", "float", 1e-2, "relative residual of a converged Ritz pair"),
         Option("max_vectors", "int", 100, "iterates and residuals recorded per solve"),
+        Option("keep_previous", "bool", True,
+               "add the previous pairs to the Rayleigh-Ritz basis of the next solve"),
     )
 
     def __init__(self):
         super().__init__()
         self.generation = 0
         self.pending = None
+        self.pending_products = None
         self.recording = False
         self.iterates = {}
         self.residuals = []
@@ -127,20 +138,31 @@ class LMPRitz(LMPBase):
         self.residuals = []
 
     def _ritz_pairs(self, comm):
+        mpi = mpi_comm(comm)
         steps = 0
         while steps in self.iterates and steps + 1 in self.iterates and steps + 1 < len(self.residuals):
             steps += 1
         self.vectors_recorded = steps
-        if steps == 0:
+        bases, products = [], []
+        if self.parameters["keep_previous"] and self.pending is not None:
+            # Products from the previous operator: no new product, an estimate for this one.
+            bases.append(self.pending.U)
+            products.append(self.pending_products)
+        if steps > 0:
+            X = np.column_stack([self.iterates[j] for j in range(steps + 1)])  # (local_size, m + 1)
+            R = np.column_stack(self.residuals[:steps + 1])  # (local_size, m + 1)
+            D = X[:, 1:] - X[:, :-1]  # (local_size, m): d_j = x_{j+1} - x_j
+            AD = R[:, :-1] - R[:, 1:]  # (local_size, m): A d_j = r_j - r_{j+1}
+            norms = np.sqrt(allreduce_sum(mpi, np.einsum("ij,ij->j", D, D)))  # (m,)
+            nonzero = norms > 0
+            bases.append(D[:, nonzero] / norms[nonzero])
+            products.append(AD[:, nonzero] / norms[nonzero])
+        if not bases:
             self.pairs_found = self.pairs_converged = 0
             return None
-        X = np.column_stack([self.iterates[j] for j in range(steps + 1)])  # (local_size, m + 1)
-        R = np.column_stack(self.residuals[:steps + 1])  # (local_size, m + 1)
-        D = X[:, 1:] - X[:, :-1]  # (local_size, m): d_j = x_{j+1} - x_j
-        AD = R[:, :-1] - R[:, 1:]  # (local_size, m): A d_j = r_j - r_{j+1}
-        Q, transform = orthonormalize(comm, D)
-        AQ = AD @ transform
-        theta, Y, _, residuals = rayleigh_ritz(comm, Q, AQ)
+        Q, transform = orthonormalize(comm, np.hstack(bases))
+        AQ = np.hstack(products) @ transform
+        theta, Y, AY, residuals = rayleigh_ritz(comm, Q, AQ)
         converged = (theta > 0) & (residuals <= self.parameters["tol"] * np.abs(theta))
         self.pairs_found = theta.size
         self.pairs_converged = int(converged.sum())
@@ -148,7 +170,9 @@ class LMPRitz(LMPBase):
         log.info("%s: %d Ritz pairs from %d iterations, %d converged, %d kept",
                  self.class_name, theta.size, steps, self.pairs_converged, keep.size)
         if keep.size == 0:
+            self.pending_products = None
             return None
+        self.pending_products = np.ascontiguousarray(AY[:, keep])
         return Eigenpairs(U=np.ascontiguousarray(Y[:, keep]), lam=theta[keep].copy(),
                           lam_next=None)
 
