@@ -57,7 +57,7 @@ class LMPRitz(LMPBase):
         rarely contains converged leading pairs and every other solve would run
         unpreconditioned. Their products ``A y`` are those of the operator
         of their own solve, so for a changed operator their residuals are
-        estimates; no new product is spent.
+        estimates. No new product is spent.
     -pc_lmpritz_orthonormality_tolerance <float>
         Largest accepted deviation of ``UᵀU`` from ``I`` (default 1e-6).
     -pc_lmpritz_precision <double|single>
@@ -143,6 +143,7 @@ class LMPRitz(LMPBase):
         while steps in self.iterates and steps + 1 in self.iterates and steps + 1 < len(self.residuals):
             steps += 1
         self.vectors_recorded = steps
+
         bases, products = [], []
         if self.parameters["keep_previous"] and self.pending is not None:
             # Products from the previous operator: no new product, an estimate for this one.
@@ -160,10 +161,12 @@ class LMPRitz(LMPBase):
         if not bases:
             self.pairs_found = self.pairs_converged = 0
             return None
+
         Q, transform = orthonormalize(comm, np.hstack(bases))
         AQ = np.hstack(products) @ transform
         theta, Y, AY, residuals = rayleigh_ritz(comm, Q, AQ)
         converged = (theta > 0) & (residuals <= self.parameters["tol"] * np.abs(theta))
+
         self.pairs_found = theta.size
         self.pairs_converged = int(converged.sum())
         keep = np.flatnonzero(converged)[:self.parameters["rank"]]
