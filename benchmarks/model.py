@@ -4,12 +4,13 @@ Run from the repository root::
 
     OMP_NUM_THREADS=1 python benchmarks/model.py --preset paper --out benchmarks/model.md
 
-It times, each as the best of ``--repeat`` runs: the forward window; one
-tangent-linear and one adjoint window as ratios to the forward; a batch of
-``--batch`` directions per direction relative to one direction; and the
-forward window on 1 and 2 ranks (the 2-rank run is this script under
-``mpiexec -n 2 ... --forward-only``). Results go to stdout as a Markdown
-table and, with ``--out``, to that file with the command and the machine.
+Each figure is the best of ``--repeat`` runs. It times the forward window,
+and one tangent-linear and one adjoint window as ratios to the forward. A
+batch of ``--batch`` directions is timed per direction, relative to one
+direction. The forward window is timed on 1 and on ``--ranks`` ranks; the
+parallel run is this script under ``mpiexec ... --forward-only``. Results
+go to stdout as a Markdown table and, with ``--out``, to that file with the
+command and the machine.
 """
 
 import argparse
@@ -78,6 +79,21 @@ def time_linear(preset, repeat, batch):
     return results
 
 
+def tl_state_dependence(preset, days, k):
+    """Return ``‖M'_x1 Z − M'_x2 Z‖ / ‖M'_x1 Z‖`` for states x1, x2 = x1 advanced ``days`` days."""
+    from shallow_water import ShallowWaterModel, checks, get_config
+    from shallow_water.spinup import steps_for_days
+
+    config = get_config(preset)
+    model = ShallowWaterModel(config)
+    x1 = linearization_state(model, preset)
+    x2 = model.advance(x1, steps_for_days(config, days))
+    directions = checks.random_directions(model, seed=3, k=k)
+    first = model.tl(model.linearize(x1), directions)
+    second = model.tl(model.linearize(x2), directions)
+    return float(np.linalg.norm(first - second) / np.linalg.norm(first))
+
+
 def machine():
     model = "unknown"
     try:
@@ -88,7 +104,11 @@ def machine():
                     break
     except OSError:
         pass
-    return f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.machine()}, Python {platform.python_version()}"
+    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
+    return (
+        f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, NumPy {np.__version__}; load average at the end {load}"
+    )
 
 
 def main():
@@ -97,6 +117,10 @@ def main():
     parser.add_argument("--repeat", type=int, default=3, help="timed runs per figure; the best is kept (default: 3)")
     parser.add_argument("--batch", type=int, default=100, help="directions in the batched runs (default: 100)")
     parser.add_argument("--ranks", type=int, default=2, help="ranks of the parallel forward run (default: 2)")
+    parser.add_argument(
+        "--lead-days", type=float, default=20.0,
+        help="days between the two states of the state-dependence figure (default: 20)",
+    )
     parser.add_argument("--out", default=None, help="Markdown file for the results")
     parser.add_argument("--forward-only", action="store_true", help="print the forward time as JSON and stop")
     args = parser.parse_args()
@@ -124,6 +148,7 @@ def main():
     if completed.returncode != 0:
         raise SystemExit(f"the {args.ranks}-rank run failed:\n{completed.stdout}\n{completed.stderr}")
     parallel = json.loads(completed.stdout.strip().splitlines()[-1])["forward"]
+    dependence = tl_state_dependence(args.preset, args.lead_days, k=8)
 
     single = linear["tl"] + linear["adjoint"]
     per_direction = (linear["tl_batch"] + linear["adjoint_batch"]) / args.batch
@@ -139,6 +164,8 @@ def main():
          f"{per_direction / single:.2f} x one direction (target <= 0.25)"),
         (f"forward window, {args.ranks} ranks", f"{parallel * 1e3:.1f} ms",
          f"speed-up {forward / parallel:.2f} (target >= 1.4)"),
+        (f"state dependence: relative change of M' Z between states {args.lead_days:g} days apart",
+         f"{dependence:.3f}", "8 random directions with physical scales"),
     ]
     from shallow_water import get_config
 

@@ -1,11 +1,12 @@
 """Generic checks of a tangent-linear and adjoint model, for any DAModel.
 
-The checks follow the usual suite of variational data assimilation systems
-(as in JEDI OOPS' linear-model tests): the tangent linear of a zero
-perturbation is zero, the tangent linear is linear, a batch of directions
-equals the same directions one at a time, the Taylor remainder
-``‖M(x + εd) − M(x) − ε M'd‖`` falls as ε², and the adjoint passes the
-dot-product test ``<M' dx, dy> = <dx, M'ᵀ dy>``.
+The checks follow the linear-model test suite of JEDI OOPS:
+
+* the tangent linear of a zero perturbation is zero;
+* the tangent linear is linear;
+* a batch of directions equals the same directions one at a time;
+* the Taylor remainder ``‖M(x + εd) − M(x) − ε M'd‖`` falls as ε²;
+* the adjoint passes the dot-product test ``<M' dx, dy> = <dx, M'ᵀ dy>``.
 
 A model needs the members of the DAModel interface: ``comm``, ``n``,
 ``variable_slices``, ``natural_indices()``, ``create_state()``,
@@ -17,7 +18,7 @@ that they do not depend on the number of ranks.
 import numpy as np
 
 # Perturbation scales per variable: 5 m for η and 0.1 m/s for the velocity,
-# the background-error standard deviations of the paper preset.
+# the background-error standard deviations σ_η, σ_u, σ_v of the 4D-Var set-up.
 DEFAULT_SCALES = {"eta": 5.0, "u": 0.1, "v": 0.1}
 
 
@@ -81,8 +82,9 @@ def taylor_test(model, x, traj=None, seed=0, epsilons=None, scales=None):
     """Return ``(epsilons, remainders, rate)`` of the Taylor test at x.
 
     ``remainder(ε) = ‖M(x + ε d) − M(x) − ε M'd‖`` for one random direction d
-    with physical scales; ``rate`` is the least-squares slope of
-    ``log remainder`` against ``log ε`` and is 2 for a correct tangent linear.
+    with physical scales. ``rate`` is the least-squares slope of
+    ``log remainder`` against ``log ε``, which is 2 for a correct tangent
+    linear.
     Cost: one TL run and one forward run per ε.
     """
     if epsilons is None:

@@ -1,9 +1,9 @@
 """Vectorised C-grid kernels: the tendency, its tangent linear and its adjoint.
 
-Every field lives on one rank's patch padded by one halo cell on each side,
-stored flat as a float64 array of shape ``(Y·X, k)``: ``Y = ym + 2`` rows
-(y, slow) times ``X = xm + 2`` columns (x), and a trailing batch axis of
-``k`` columns that share every operation. Index ``[a, b]`` of a field (flat
+Every field lives on one rank's patch, padded by one halo cell on each
+side. It is stored flat as a float64 array of shape ``(Y·X, k)``, with
+``Y = ym + 2`` rows (y, slow) times ``X = xm + 2`` columns (x). The trailing
+batch axis of ``k`` columns shares every operation. Index ``[a, b]`` of a field (flat
 row ``a·X + b``) names a position relative to cell ``(a, b)`` of the padded
 patch:
 
@@ -34,9 +34,9 @@ class StaggeredOps:
     ``sy = X`` rows, and every operation runs over contiguous memory.
     ``avg_xp(f)[a, b] = (f[a, b] + f[a, b+1]) / 2`` and
     ``diff_xp(f)[a, b] = (f[a, b+1] − f[a, b]) / dx`` move a field half a cell
-    east (centre → u point, v point → corner); ``avg_xm`` and ``diff_xm``
-    store the same combinations at ``[a, b+1]`` and move half a cell west
-    (u point → centre, corner → v point). The y operators do the same along
+    east (centre → u point, v point → corner). ``avg_xm`` and ``diff_xm``
+    store the same combinations at ``[a, b+1]``, which moves a field half a
+    cell west (u point → centre, corner → v point). The y operators do the same along
     y. Entries whose stencil leaves the flat array are zero; in the last
     halo column the x operators wrap onto the next row, which only affects
     halo entries that the owned interior never reads. Each call costs two
@@ -341,10 +341,10 @@ def tendency_adjoint(patch, lin, g_eta, g_u, g_v):
     """Return the adjoint of :func:`tendency_tl` applied to ``(g_eta, g_u, g_v)``.
 
     The transposes of the operators of :func:`tendency_tl` in reverse order.
-    The inputs are the adjoint tendencies on the padded patch (zero outside
-    the owned interior); the outputs are the adjoint state on the padded
-    patch, halo included, to be summed onto its owners by the adjoint of the
-    halo exchange. Same cost as :func:`tendency_tl`.
+    The inputs are the adjoint tendencies on the padded patch, zero outside
+    the owned interior. The outputs are the adjoint state on the padded
+    patch, halo included. The adjoint of the halo exchange then sums the
+    halo entries onto their owners. Same cost as :func:`tendency_tl`.
     """
     cfg, ops = patch.config, patch.ops
     shape = g_eta.shape

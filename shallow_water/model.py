@@ -128,14 +128,14 @@ class ShallowWaterModel:
     ``τ_x = τ0 cos(2π y / Ly)`` [N m⁻²], y ∈ [−Ly/2, Ly/2], in a closed basin
     with no normal flow and free slip (ζ = 0) on the walls.
 
-    Discretisation: Arakawa C-grid of ``nx × ny`` cells, η at the centres,
-    u on the interior x-faces, v on the interior y-faces; Sadourny's
-    energy-conserving vorticity flux ``q V`` with potential vorticity
-    ``q = ξ / h`` at the corners; flux-form continuity, so that the total
-    mass ``Σ η`` is conserved to round-off; classical RK4 in time (see
-    :func:`shallow_water.kernels.tendency` for the discrete operators). The
-    tangent linear and the adjoint are the exact derivatives of this
-    discrete model.
+    Discretisation: Arakawa C-grid of ``nx × ny`` cells, with η at the
+    centres, u on the interior x-faces and v on the interior y-faces. The
+    vorticity flux is Sadourny's energy-conserving ``q V`` with potential
+    vorticity ``q = ξ / h`` at the corners. Continuity is in flux form, so
+    the total mass ``Σ η`` is conserved to round-off. Time stepping is
+    classical RK4; :func:`shallow_water.kernels.tendency` lists the discrete
+    operators. The tangent linear and the adjoint are the exact derivatives
+    of this discrete model.
 
     Parallel layout: one DMDA over ``comm`` with ``dof = 3`` per cell (η at
     the centre, u on the east face, v on the north face; stencil width 1,
@@ -146,10 +146,11 @@ class ShallowWaterModel:
     array (global size ``n``). Results do not depend on the number of ranks
     beyond round-off.
 
-    Cost per RK4 step: four tendency evaluations and four halo exchanges;
-    the tangent linear and the adjoint cost about twice as much per
-    direction, and a batch of k directions amortises the Python overhead.
-    :meth:`linearize` stores eight fields per stage, 32 per step.
+    Cost per RK4 step: four tendency evaluations and four halo exchanges.
+    One tangent-linear or adjoint direction costs about as much as the
+    forward run (benchmarks/model.md), and a batch of k directions shares
+    the exchanges and the Python overhead. :meth:`linearize` stores eight
+    padded fields per stage, 32 per step.
 
     Parameters
     ----------
@@ -167,6 +168,7 @@ class ShallowWaterModel:
             )
         self.config = config
         self.comm = PETSc.COMM_WORLD if comm is None else comm
+
         nx, ny = config.nx, config.ny
         self.n = config.n
         self.grid_shape = (ny, nx)
@@ -176,6 +178,7 @@ class ShallowWaterModel:
             "u": slice(n_eta, n_eta + n_u),
             "v": slice(n_eta + n_u, self.n),
         }
+
         self.da = PETSc.DMDA().create(
             dim=2,
             dof=3,
@@ -185,6 +188,7 @@ class ShallowWaterModel:
             stencil_width=1,
             comm=self.comm,
         )
+
         (xs, xe), (ys, ye) = self.da.getRanges()
         self.patch = kernels.Patch(config, xs, ys, xe - xs, ye - ys)
         self._outside_slices = self._outside(xs, xe, ys, ye)

@@ -11,9 +11,9 @@ log = logging.getLogger("shallow_water.spinup")
 
 SECONDS_PER_DAY = 86400.0
 
-# Spin-up length and background averaging period per preset [days]. The
-# paper grid needs about three years for the double gyre to form; the coarse
-# presets are more viscous and settle sooner.
+# Spin-up length and background averaging period per preset [days]. On the
+# 64 × 64 grid the double gyre and its jet form within about three years of
+# model time. The coarse presets are more viscous and settle sooner.
 SPINUP_DAYS = {
     "tiny": dict(spinup=365.0, background=90.0),
     "small": dict(spinup=5 * 365.0, background=365.0),

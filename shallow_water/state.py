@@ -105,7 +105,7 @@ def load_state(path, config):
     ------
     ValueError
         If the file was made for another grid (both grids are named), or a
-        variable holds NaN or Inf.
+        variable contains NaN or Inf.
     """
     natural, file_config, _ = read_state_file(path)
     if tuple(file_config.grid) != tuple(config.grid):

@@ -1,9 +1,10 @@
 """Run the shallow-water model on the current ranks and write comparable results.
 
-Usage: ``mpiexec -n P python model_parallel.py OUT.npz``. For the ``tiny``
-preset (from its spun-up state) and an odd 7 × 5 grid, rank 0 writes the
-forward, tangent-linear and adjoint results in natural ordering, and the
-worst dot-product errors of the adjoint over one step and over the window.
+Usage: ``mpiexec -n P python model_parallel.py OUT.npz``. Two cases run:
+the ``tiny`` preset from its spun-up state, and an odd 7 × 5 grid. For each,
+rank 0 writes the forward, tangent-linear and adjoint results in natural
+ordering. It also writes the worst dot-product error of the adjoint over one
+step and over the window.
 """
 
 import dataclasses
