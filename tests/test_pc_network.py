@@ -1,4 +1,8 @@
-"""``nnpc`` with a real checkpoint and the real Gauss-Newton operator on ``tiny``."""
+"""LMP PC types with a real checkpoint and the real Gauss-Newton operator on ``tiny``."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -73,3 +77,20 @@ def test_checkpoint_refined_pairs(system, checkpoint):
     assert context.parameters["refine"] is True
     assert context.setup_products == RANK
     assert np.all(np.diff(context.lmp.lam) <= 0)
+
+
+def test_pc_type_from_command_line():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    command = [
+        sys.executable, os.path.join(root, "examples", "solve_inner_loop.py"),
+        "-preset", "tiny", "-pc_type", "lmpexact", "-pc_lmpexact_rank", "30",
+        "-pc_lmpexact_mu", "spectral", "-ksp_view",
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                               env=dict(os.environ, OMP_NUM_THREADS="1"), check=False)
+    assert completed.returncode == 0, completed.stderr
+    assert "type: lmpexact" in completed.stdout
+    assert "LMPExact: spectral LMP" in completed.stdout
+    assert "rank: 30" in completed.stdout
+    assert "spectral: theta = mu^2 = lambda_(r+1)" in completed.stdout
+    assert "CONVERGED_RTOL" in completed.stdout
