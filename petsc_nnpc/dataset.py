@@ -116,6 +116,54 @@ class GenerationConfig:
         names = {field.name for field in dataclasses.fields(cls)}
         return cls(**{key: value for key, value in values.items() if key in names})
 
+    @classmethod
+    def for_preset(cls, preset, window_steps, **overrides):
+        """Return the defaults of ``preset`` with ``overrides`` (``None`` values ignored).
+
+        Lead times run from one to three windows of ``window_steps`` steps.
+        The paper preset uses the paper's ``N = 1000`` states and ``k = 100``.
+        """
+        if preset not in GENERATION_PRESETS:
+            raise ValueError(
+                f"unknown preset {preset!r}: expected one of {sorted(GENERATION_PRESETS)}"
+            )
+        values = dict(GENERATION_PRESETS[preset], preset=preset,
+                      lead_min=window_steps, lead_max=3 * window_steps)
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+
+GENERATION_PRESETS = {
+    "tiny": dict(states=32, k=32, shard_size=8),
+    "small": dict(states=96, k=32, shard_size=16),
+    "paper": dict(states=1000, k=100, shard_size=50),
+}
+
+
+def build_problem(preset, form="paper", comm=None):
+    """Return ``(model, operator)``: the shallow-water model and its Gauss-Newton operator.
+
+    Observations and covariances are those of the preset
+    (:func:`petsc_nnpc.operator.da_config_for_preset`).
+    """
+    from petsc_nnpc.operator import GaussNewtonOperator, da_config_for_preset
+    from shallow_water.config import get_config
+    from shallow_water.model import ShallowWaterModel
+
+    model = ShallowWaterModel(get_config(preset), comm=comm)
+    da_config = da_config_for_preset(preset, form=form)
+    return model, GaussNewtonOperator.from_config(model, da_config), da_config
+
+
+def initial_state(preset, path=None):
+    """Return the first state of the chain in natural ordering: ``path`` or the shipped spun-up state."""
+    from shallow_water.config import get_config
+    from shallow_water.state import load_spunup_state, load_state
+
+    if path is None:
+        return load_spunup_state(preset)
+    return load_state(path, get_config(preset))
+
 
 def sample_randomness(config, i, n):
     """Return ``(z_seed, lead_steps, perturbation)`` of sample ``i``.
@@ -522,7 +570,8 @@ def dataset_record(config, model, extra=None):
         "probe_vectors": "np.random.default_rng(seed).standard_normal((n, k)), natural ordering",
     }
     record.update(extra or {})
-    return record
+    # Through JSON once, so that tuples compare equal to the lists read back.
+    return json.loads(json.dumps(record))
 
 
 # Keys of dataset.json that must not change when a generation resumes;

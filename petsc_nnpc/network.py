@@ -331,10 +331,10 @@ class EigenpairNetwork(nn.Module):
             nn.SiLU(),
             nn.Linear(config.eigen_hidden, config.rank),
         )
-        # Start from eigenvalues spread between 0.88 M and 0.02 M, so that
-        # the sigmoid is far from saturation for every pair.
+        # Start from eigenvalues spread between M/2 (about λ_max when M is
+        # estimated as twice it) and 0.05 M, far from the sigmoid's saturation.
         with torch.no_grad():
-            self.eigen_head[-1].bias.copy_(torch.linspace(2.0, -4.0, config.rank))
+            self.eigen_head[-1].bias.copy_(torch.linspace(0.0, -3.0, config.rank))
 
     def set_normalisation(self, mean, std):
         """Set the per-channel input mean and standard deviation (η, u, v)."""

@@ -352,7 +352,8 @@ class Trainer:
     progress : bool
         Show tqdm bars.
     on_epoch_end : callable, optional
-        Called as ``on_epoch_end(epoch, row)`` after each epoch is saved.
+        Called as ``on_epoch_end(epoch, row)`` after each epoch is saved
+        (online: on every rank, with ``row=None`` except on rank 0).
     """
 
     def __init__(self, out_dir, config, network_config, metadata=None, progress=True,
@@ -562,8 +563,6 @@ class Trainer:
     def fit(self, source):
         """Train on ``source`` (a sample set), split into training and validation."""
         train, val = split_samples(source, self.config.val_fraction)
-        if self.network_config.sigmoid_scale is None:
-            raise ValueError("network_config.sigmoid_scale is unset; call prepare_network_config")
         self.resume_or_start(train)
         check_batch_memory(self.network, min(self.config.batch_size, len(train)), source.k,
                            self.device, loss=self.config.loss)
@@ -589,10 +588,10 @@ class Trainer:
     def fit_online(self, online):
         """Train while ``online`` (an :class:`~petsc_nnpc.dataset.OnlineSamples`) produces samples.
 
-        Collective: every rank generates; rank 0 trains and writes.
+        Collective: every rank generates; rank 0 trains and writes. The
+        network configuration may be a callable that builds it from the
+        first training samples (to estimate ``M``).
         """
-        from petsc_nnpc.dataset import SampleSet
-
         mpi = online.chain.mpi
         root = mpi.rank == 0
         state = None
@@ -621,8 +620,13 @@ class Trainer:
         start_epoch = 0
         if root:
             train = online.train
-            if self.network_config.sigmoid_scale is None:
-                raise ValueError("network_config.sigmoid_scale is unset; call prepare_network_config")
+            if callable(self.network_config):
+                # The first buffer sets M; a resumed run keeps the saved configuration.
+                if resuming:
+                    with open(os.path.join(self.out_dir, CONFIG_FILE), encoding="utf-8") as handle:
+                        self.network_config = NetworkConfig.from_dict(json.load(handle)["network"])
+                else:
+                    self.network_config = self.network_config(train)
             self.resume_or_start(train)
             check_batch_memory(self.network, self.config.batch_size, online.k, self.device,
                                loss=self.config.loss)
@@ -649,8 +653,9 @@ class Trainer:
                 self._finish_epoch(epoch, train_loss, self.evaluate(online.validation),
                                    self.optimizer.param_groups[0]["lr"], seconds, len(online.train))
                 self._save_state(epoch, extra_arrays=arrays)
-                if self.on_epoch_end is not None:
-                    self.on_epoch_end(epoch, self.rows[-1])
+            # Every rank is told, so that a callback can stop all of them.
+            if self.on_epoch_end is not None:
+                self.on_epoch_end(epoch, self.rows[-1] if root else None)
         return self.summary() if root else None
 
     def summary(self):
@@ -674,3 +679,73 @@ def prepare_network_config(preset, grid_shape, rank, samples, train_config, **ov
         scale = estimate_sigmoid_scale(samples)
         log.info("sigmoid scale M = %.4g (twice the largest Nyström eigenvalue)", scale)
     return NetworkConfig.for_preset(preset, grid_shape, rank, scale, **overrides)
+
+
+def _network_overrides(overrides):
+    return {key: value for key, value in (overrides or {}).items() if value is not None}
+
+
+def train_from_folder(data_dir, out_dir, preset, config, rank=None, network_overrides=None,
+                      form=None, progress=True, on_epoch_end=None):
+    """Train a network on the data folder ``data_dir`` and write it to ``out_dir``.
+
+    ``rank`` defaults to :data:`DEFAULT_RANK` of the preset; a run already in
+    ``out_dir`` with the same options resumes. Returns :meth:`Trainer.summary`.
+    """
+    from petsc_nnpc.dataset import ShardDataset
+
+    data = ShardDataset(data_dir, preset=preset, form=form)
+    rank = DEFAULT_RANK.get(preset, 8) if rank is None else rank
+    if rank > data.n:
+        raise ValueError(f"rank = {rank} is invalid: the state has only n = {data.n} entries")
+    train, _ = split_samples(data, config.val_fraction)
+    network_config = prepare_network_config(preset, data.grid_shape, rank, train, config,
+                                            **_network_overrides(network_overrides))
+    metadata = {
+        "preset": preset,
+        "form": data.metadata["form"],
+        "data": os.path.abspath(data_dir),
+        "k": data.k,
+        "states": len(data),
+    }
+    trainer = Trainer(out_dir, config, network_config, metadata, progress=progress,
+                      on_epoch_end=on_epoch_end)
+    return trainer.fit(data)
+
+
+def train_online(out_dir, preset, config, generation, x0, rank=None, states_per_epoch=8,
+                 capacity=64, validation_states=8, network_overrides=None, comm=None,
+                 progress=True, on_epoch_end=None):
+    """Train while the training set is generated (collective over ``comm``).
+
+    Each epoch adds ``states_per_epoch`` samples to a buffer of at most
+    ``capacity`` samples and trains one pass over it; ``validation_states``
+    samples drawn first stay fixed. Returns the summary on rank 0, ``None``
+    elsewhere.
+    """
+    from petsc_nnpc.dataset import OnlineSamples, build_problem
+
+    model, operator, _ = build_problem(preset, form=generation.form, comm=comm)
+    rank = DEFAULT_RANK.get(preset, 8) if rank is None else rank
+    if rank > model.n:
+        raise ValueError(f"rank = {rank} is invalid: the state has only n = {model.n} entries")
+    online = OnlineSamples(model, operator, generation, x0, validation_states, states_per_epoch,
+                           capacity, progress=progress)
+    overrides = _network_overrides(network_overrides)
+
+    def network_config(samples):
+        return prepare_network_config(preset, tuple(model.grid_shape), rank, samples, config, **overrides)
+
+    metadata = {
+        "preset": preset,
+        "form": generation.form,
+        "data": "online",
+        "k": generation.k,
+        "generation": generation.to_dict(),
+        "states_per_epoch": states_per_epoch,
+        "capacity": capacity,
+        "validation_states": validation_states,
+    }
+    trainer = Trainer(out_dir, config, network_config, metadata, progress=progress,
+                      on_epoch_end=on_epoch_end)
+    return trainer.fit_online(online)

@@ -1,0 +1,150 @@
+"""``nnpc inspect``: describe a checkpoint, a training run, a data folder or a state file."""
+
+import json
+import logging
+import os
+
+NAME = "inspect"
+HELP = (
+    "print what a file or folder contains: a network checkpoint (sizes, parameters, "
+    "memory), a training run (metrics), a data folder (shards, samples) or a state file"
+)
+
+log = logging.getLogger("petsc_nnpc.commands.inspect")
+
+
+def add_arguments(parser):
+    parser.add_argument("path", help="checkpoint folder, training output folder, data folder, shard or state file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+
+def describe(path):
+    """Return ``(kind, record)`` for ``path``: what it is and its metadata."""
+    from petsc_nnpc.dataset import DATASET_FILE, SHARD_PATTERN
+    from petsc_nnpc.network import METADATA_FILE
+    from petsc_nnpc.train import CONFIG_FILE, MODEL_DIR
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise SystemExit(f"nnpc inspect: {path} not found")
+    if os.path.isdir(path):
+        if os.path.exists(os.path.join(path, METADATA_FILE)):
+            return "checkpoint", _checkpoint(path)
+        if os.path.exists(os.path.join(path, CONFIG_FILE)):
+            return "training run", _training_run(path, os.path.join(path, MODEL_DIR))
+        if os.path.exists(os.path.join(path, DATASET_FILE)):
+            return "data folder", _data_folder(path)
+        raise SystemExit(
+            f"nnpc inspect: {path} is not a checkpoint, training run or data folder "
+            f"(no {METADATA_FILE}, {CONFIG_FILE} or {DATASET_FILE} in it)"
+        )
+    if os.path.basename(path) == METADATA_FILE:
+        return "checkpoint", _checkpoint(os.path.dirname(path))
+    if SHARD_PATTERN.match(os.path.basename(path)):
+        return "shard", _shard(path)
+    if path.endswith(".npz"):
+        return "state file", _state_file(path)
+    raise SystemExit(f"nnpc inspect: {path} is not a known file type (.npz state or shard, checkpoint.json)")
+
+
+def _checkpoint(path):
+    from petsc_nnpc.network import load_network
+    from petsc_nnpc.train import estimate_training_memory
+
+    network, record = load_network(path)
+    record = dict(record)
+    record["summary"] = network.summary()
+    memory = estimate_training_memory(network, 1, int(record.get("k", 16)))
+    record["estimated_training_memory_batch1_mib"] = round(memory["total"] / 2**20, 1)
+    return record
+
+
+def _training_run(path, model_dir):
+    from petsc_nnpc.train import CONFIG_FILE, METRICS_FILE
+
+    with open(os.path.join(path, CONFIG_FILE), encoding="utf-8") as handle:
+        record = {"config": json.load(handle)}
+    metrics = os.path.join(path, METRICS_FILE)
+    if os.path.exists(metrics):
+        import csv
+
+        with open(metrics, encoding="utf-8") as handle:
+            rows = list(csv.DictReader(handle))
+        record["epochs_done"] = len(rows)
+        if rows:
+            record["last_epoch"] = rows[-1]
+            record["best_val_loss"] = min(float(row["val_loss"]) for row in rows)
+    if os.path.exists(model_dir):
+        record["checkpoint"] = _checkpoint(model_dir)
+    return record
+
+
+def _data_folder(path):
+    from petsc_nnpc.dataset import ShardDataset
+
+    data = ShardDataset(path)
+    record = dict(data.metadata)
+    record["samples_written"] = len(data)
+    record["shards"] = len(data.shards)
+    record["bytes"] = sum(os.path.getsize(shard_path) for shard_path, _, _ in data.shards)
+    return record
+
+
+def _shard(path):
+    import numpy as np
+
+    from petsc_nnpc.dataset import DatasetError
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            record = {key: {"shape": list(data[key].shape), "dtype": str(data[key].dtype)}
+                      for key in data.files}
+            if "index" in data.files:
+                record["samples"] = data["index"].tolist()
+    except (OSError, ValueError) as error:
+        raise DatasetError(f"{path} is truncated or corrupt ({error})") from None
+    return record
+
+
+def _state_file(path):
+    import numpy as np
+
+    from shallow_water.state import read_state_file, split_fields
+
+    natural, config, time = read_state_file(path)
+    fields = split_fields(config, natural)
+    record = {"preset": config.preset, "grid": [config.ny, config.nx], "n": config.n,
+              "time_days": time / 86400.0}
+    for name, values in fields.items():
+        record[name] = {"min": float(np.min(values)), "max": float(np.max(values)),
+                        "std": float(np.std(values))}
+    return record
+
+
+def _print_text(kind, record, indent=""):
+    for key in sorted(record):
+        value = record[key]
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_text(kind, value, indent + "  ")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def run(args, petsc_args):
+    from petsc_nnpc.dataset import DatasetError
+    from petsc_nnpc.network import CheckpointError
+
+    try:
+        kind, record = describe(args.path)
+    except (DatasetError, CheckpointError, ValueError) as error:
+        raise SystemExit(f"nnpc inspect: {error}") from None
+    if args.json:
+        print(json.dumps({"kind": kind, **record}, indent=2, sort_keys=True, default=str))
+    else:
+        print(f"{args.path}: {kind}")
+        summary = record.get("summary") or record.get("checkpoint", {}).get("summary")
+        if summary:
+            print(f"  {summary}")
+        _print_text(kind, record, "  ")
+    return 0
