@@ -350,6 +350,19 @@ def test_nan_in_vectors(system, problem):
                     predictor=FixedPredictor(U, np.array([4.0, 3.0, 2.0, 1.0])))
 
 
+class FailingPredictor:
+    rank = 4
+
+    def predict(self, x_natural):
+        raise ValueError("state contains NaN or Inf")
+
+
+def test_network_failure_reported(system):
+    _, A, b = system
+    solve_expecting(A, b, "nnpc", ValueError, "the network failed on this state",
+                    predictor=FailingPredictor())
+
+
 def test_invalid_precision(system, problem):
     _, A, b = system
     solve_expecting(A, b, "nnpc", ValueError, "invalid -pc_nnpc_precision",

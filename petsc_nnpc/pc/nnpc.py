@@ -9,6 +9,7 @@ Assimilation using Machine Learning", eqs. 2.1 and 2.4).
 import logging
 import os
 import re
+import time
 
 import numpy as np
 from petsc4py import PETSc
@@ -145,7 +146,9 @@ class NNPC(LMPBase):
             with logged(EVENT_LOAD):
                 try:
                     predictor = _load_cached(path, device)
-                except (OSError, ValueError, RuntimeError, KeyError, ImportError) as caught:
+                except Exception as caught:  # noqa: BLE001
+                    # Any failure on the root must reach every rank, or the others
+                    # would wait forever in the broadcast below.
                     error = f"{type(caught).__name__}: {caught}"
         error = mpi.bcast(error, root=self.root)
         if error is not None:
@@ -218,11 +221,14 @@ class NNPC(LMPBase):
     def _predict(self, x_natural, n):
         """Run the network on the root rank; return ``(U, lam, lam_next, error)``."""
         rank = self.parameters["rank"]
+        start = time.perf_counter()
         try:
             with logged(EVENT_INFERENCE):
                 U, lam = self.predictor.predict(np.asarray(x_natural, dtype=np.float64))
-        except (ValueError, RuntimeError) as caught:
+        except Exception as caught:  # noqa: BLE001
+            # Reported on every rank by the caller instead of leaving the others waiting.
             return None, None, None, f"the network failed on this state: {caught}"
+        self.inference_time = time.perf_counter() - start
         U = np.asarray(U, dtype=np.float64)  # (n, R)
         lam = np.asarray(lam, dtype=np.float64).reshape(-1)  # (R,)
         if U.ndim != 2 or U.shape[0] != n or U.shape[1] != lam.size:
@@ -296,6 +302,7 @@ class NNPC(LMPBase):
             lines.append(f"network rank: {self.predictor_rank}")
         lines.append(f"device: network on {self.parameters['device']} of rank {self.root}, "
                      f"applications with numpy on every rank")
+        lines.append(f"last inference on rank {self.root}: {self.inference_time:.3g} s")
         lines.append(f"refinement: {'Rayleigh-Ritz with one block product' if self.parameters['refine'] else 'off'}")
         return lines
 
