@@ -157,8 +157,9 @@ class Patch:
         1 at interior u points, v points and corners of the basin, 0 at the
         walls and outside the basin. Free slip sets ζ = 0 on the walls.
     hq_pad : ndarray, shape (Y·X, 1)
-        1 where the corner thickness average leaves the patch, else 0; added
-        to the average so that the division defining q stays finite there.
+        1 in the last padded row and column, where the corner thickness
+        average has no valid stencil, else 0. It is added to that average so
+        that the division defining q stays finite there.
     f_c : ndarray, shape (Y·X, 1)
         Coriolis parameter ``f0 + β y`` at the corners [s⁻¹].
     wind_u : ndarray, shape (Y·X, 1)
@@ -177,7 +178,6 @@ class Patch:
         inside_j = (j >= 0) & (j < ny)
         face_i = (i >= 0) & (i < nx - 1)
         face_j = (j >= 0) & (j < ny - 1)
-        self.mask_eta = _outer(inside_j, inside_i)
         self.mask_u = _outer(inside_j, face_i)
         self.mask_v = _outer(face_j, inside_i)
         self.mask_c = _outer(face_j, face_i)
