@@ -1,4 +1,4 @@
-"""The shallow-water model on 1 and 2 ranks: adjoint tests and identical results."""
+"""The shallow-water model on 1, 2 and 4 ranks: adjoint tests and identical results."""
 
 import os
 
@@ -18,11 +18,11 @@ def _run(ranks, out):
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("model_mpi")
-    return {ranks: _run(ranks, folder / f"ranks{ranks}.npz") for ranks in (1, 2)}
+    return {ranks: _run(ranks, folder / f"ranks{ranks}.npz") for ranks in (1, 2, 4)}
 
 
 @pytest.mark.mpi
-@pytest.mark.parametrize("ranks", [1, 2])
+@pytest.mark.parametrize("ranks", [1, 2, 4])
 @pytest.mark.parametrize("case", ["tiny", "odd"])
 def test_adjoint_dot_product_parallel(results, ranks, case):
     assert results[ranks][f"{case}_adjoint_error_step"] <= 1e-12
@@ -32,8 +32,9 @@ def test_adjoint_dot_product_parallel(results, ranks, case):
 @pytest.mark.mpi
 @pytest.mark.parametrize("case", ["tiny", "odd"])
 @pytest.mark.parametrize("run", ["forward", "tl", "adjoint"])
-def test_same_result_on_one_and_two_ranks(results, case, run):
-    assert int(results[2]["ranks"]) == 2
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_same_result_as_one_rank(results, case, run, ranks):
+    assert int(results[ranks]["ranks"]) == ranks
     one = results[1][f"{case}_{run}"]
-    two = results[2][f"{case}_{run}"]
-    assert np.max(np.abs(one - two)) <= 1e-12 * np.max(np.abs(one))
+    many = results[ranks][f"{case}_{run}"]
+    assert np.max(np.abs(one - many)) <= 1e-12 * np.max(np.abs(one))
