@@ -49,6 +49,10 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, or made for another problem."""
 
 
+class DeviceError(RuntimeError):
+    """A requested torch device is not available."""
+
+
 # Network sizes per preset: seconds on CPU for ``tiny``, minutes for
 # ``small``, a GPU for ``paper`` (64×64, r = 2000).
 NETWORK_PRESETS = {
@@ -443,9 +447,14 @@ def postprocess(vectors, logits, sigmoid_scale, qr_dtype=None):
 
 def resolve_device(name):
     """Return a ``torch.device`` for ``name``, with a clear error if it is unavailable."""
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise DeviceError(f"device {name!r} is invalid ({error}); use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise DeviceError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
+        raise DeviceError(
             f"device {name!r} requested but CUDA is not available on this machine; "
             "use --device cpu"
         )

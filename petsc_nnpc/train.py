@@ -376,6 +376,11 @@ class Trainer:
 
     def _build(self, train):
         torch.manual_seed(self.config.seed)
+        if self.device.type == "cuda":
+            # NOTE: cuDNN is pinned to deterministic kernels, but the attention
+            # backward on CUDA may still differ in the last bits between runs.
+            torch.backends.cudnn.deterministic = True
+            torch.backends.cudnn.benchmark = False
         network = EigenpairNetwork(self.network_config)
         image = StateImage(self.network_config.grid_shape)
         states = train.states(np.arange(len(train)))
@@ -694,6 +699,7 @@ def train_from_folder(data_dir, out_dir, preset, config, rank=None, network_over
     """
     from petsc_nnpc.dataset import ShardDataset
 
+    resolve_device(config.device)  # fail before any work on an unavailable device
     data = ShardDataset(data_dir, preset=preset, form=form)
     rank = DEFAULT_RANK.get(preset, 8) if rank is None else rank
     if rank > data.n:
@@ -725,6 +731,7 @@ def train_online(out_dir, preset, config, generation, x0, rank=None, states_per_
     """
     from petsc_nnpc.dataset import OnlineSamples, build_problem
 
+    resolve_device(config.device)  # fail before any generation on an unavailable device
     model, operator, _ = build_problem(preset, form=generation.form, comm=comm)
     rank = DEFAULT_RANK.get(preset, 8) if rank is None else rank
     if rank > model.n:

@@ -118,3 +118,12 @@ def test_online_two_ranks_resume_matches_one_rank(tmp_path):
     assert epochs == "3"
     # Samples agree to round-off across rank counts, so the training does too.
     assert float(best) == pytest.approx(straight["best_val_loss"], rel=1e-4)
+
+
+def test_train_command_unavailable_device(tiny_data, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    completed = nnpc("train", "--preset", "tiny", "--data", tiny_data, "--out", tmp_path,
+                     "--device", "cuda")
+    assert completed.returncode == 1
+    assert "CUDA is not available on this machine; use --device cpu" in completed.stderr

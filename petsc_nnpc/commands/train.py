@@ -51,7 +51,7 @@ def add_arguments(parser):
 
 def run(args, petsc_args):
     from petsc_nnpc.dataset import DatasetError
-    from petsc_nnpc.network import CheckpointError
+    from petsc_nnpc.network import CheckpointError, DeviceError
     from petsc_nnpc.train import TrainConfig, train_from_folder
 
     config = TrainConfig(
@@ -70,7 +70,7 @@ def run(args, petsc_args):
                 raise SystemExit("nnpc train: --data DIR is missing (or use --online)")
             summary = train_from_folder(args.data, args.out, args.preset, config, rank=args.rank,
                                         network_overrides=overrides, progress=not args.no_progress)
-    except (DatasetError, CheckpointError, MemoryError, FloatingPointError) as error:
+    except (DatasetError, CheckpointError, DeviceError, MemoryError, FloatingPointError) as error:
         raise SystemExit(f"nnpc train: {error}") from None
     if summary is not None:
         log.info(
