@@ -196,6 +196,11 @@ class ShallowWaterModel:
         self.local_size = self._keep.size
         self.layout = NaturalLayout(self.comm, self._natural, self.n)
         self._exchanges = {}
+        log.debug(
+            "shallow-water model %s: %d x %d cells, n = %d, %d ranks as %s, dt = %g s, %d steps per window",
+            config.preset, nx, ny, self.n, self.comm.getSize(), "x".join(map(str, self.da.getProcSizes())),
+            config.dt, config.window_steps,
+        )
 
     # Layouts.
     def _outside(self, xs, xe, ys, ye):
