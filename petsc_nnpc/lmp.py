@@ -105,7 +105,7 @@ class ScaledSpectralLMP:
     ``P_α`` is symmetric, with eigenvalues ``μ λ_i^α`` and ``β``, so it is
     positive definite when ``μ``, ``β`` and every ``λ_i`` are positive and
     the columns of ``U`` are orthonormal. A product costs two local products
-    with ``U`` and one allreduce of ``r`` numbers; a block of ``k`` vectors
+    with ``U`` and one allreduce of ``r`` numbers. A block of ``k`` vectors
     costs the same number of messages with ``k`` times the flops.
     """
 

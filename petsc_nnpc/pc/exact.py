@@ -170,6 +170,7 @@ class LMPExact(LMPBase):
         V, _ = orthonormalize(comm, X)
         AV = products(V)
         tolerance = self.parameters["tol"]
+
         theta, Y, residuals = None, None, None
         next_block = AV  # products of the block that the next Krylov block extends
         for cycle in range(self.parameters["max_it"]):

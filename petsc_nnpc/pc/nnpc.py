@@ -77,9 +77,9 @@ class NNPC(LMPBase):
 
     Notes
     -----
-    The operator is found through the Mat given to the PC: its Python
-    context's ``natural_indices`` and ``n`` build the natural layout; without
-    them the PETSc global ordering is taken as the natural ordering.
+    The operator is found through the Mat given to the PC. Its Python
+    context's ``natural_indices`` and ``n`` build the natural layout, and
+    without them the PETSc global ordering is taken as the natural ordering.
     """
 
     type_name = "nnpc"
@@ -140,6 +140,7 @@ class NNPC(LMPBase):
             )
         device = self._check_device()
         path = os.path.abspath(os.path.expanduser(path))
+
         error = None
         predictor = None
         if mpi.rank == self.root:
@@ -229,6 +230,7 @@ class NNPC(LMPBase):
             # Reported on every rank by the caller instead of leaving the others waiting.
             return None, None, None, f"the network failed on this state: {caught}"
         self.inference_time = time.perf_counter() - start
+
         U = np.asarray(U, dtype=np.float64)  # (n, R)
         lam = np.asarray(lam, dtype=np.float64).reshape(-1)  # (R,)
         if U.ndim != 2 or U.shape[0] != n or U.shape[1] != lam.size:

@@ -75,15 +75,21 @@ class LMPNystrom(LMPBase):
                 f"{self.class_name}: invalid -pc_lmpnystrom_sketch {sketch}; use a sketch size "
                 f"between the rank {rank} and n = {n}"
             )
+
         with logged(EVENT_SKETCH):
+            # Step 1: orthonormal Gaussian test matrix.
             Omega = self._test_matrix(A, n, sketch)  # (local_size, l)
             Omega, _ = orthonormalize(comm, Omega)
             if Omega.shape[1] < sketch:
                 raise RuntimeError(f"{self.class_name}: the random test matrix is rank deficient")
+
+            # Steps 2 and 3: the sketch and its shift.
             Y = products(Omega)  # (local_size, l)
             norm_Y = np.sqrt(float(allreduce_sum(mpi, np.einsum("ij,ij->j", Y, Y)).sum()))
             shift = np.sqrt(n) * np.finfo(float).eps * norm_Y
             Y_shifted = Y + shift * Omega
+
+            # Step 4: B = Y_ν C⁻¹ with Ωᵀ Y_ν = Cᵀ C.
             core = gram(mpi, Omega, Y_shifted)  # (l, l) = Ωᵀ Y_ν
             core = 0.5 * (core + core.T)
             try:
@@ -94,14 +100,18 @@ class LMPNystrom(LMPBase):
                     f"must be symmetric positive definite"
                 ) from None
             B = np.linalg.solve(C.T, Y_shifted.T).T  # (local_size, l) = Y_ν C⁻¹
+
+            # Step 5: thin SVD of B through its Gram matrix, then remove the shift.
             G = gram(mpi, B)
             sigma2, V = np.linalg.eigh(0.5 * (G + G.T))
             order = np.argsort(sigma2)[::-1]
             sigma2, V = np.maximum(sigma2[order], 0.0), V[:, order]
-            positive = sigma2 > 0
-            U = (B @ V[:, positive]) / np.sqrt(sigma2[positive])
+            # Directions with σ² at round-off level would make U rank deficient.
+            significant = sigma2 > 1e-12 * max(sigma2[0], np.finfo(float).tiny)
+            U = (B @ V[:, significant]) / np.sqrt(sigma2[significant])
             U = cholesky_qr(comm, U)
-            lam = np.maximum(sigma2[positive] - shift, 0.0)
+            lam = np.maximum(sigma2[significant] - shift, 0.0)
+
         self.sketch_used = sketch
         self.shift = shift
         available = int(np.count_nonzero(lam > 0))
