@@ -14,8 +14,8 @@ patch:
 
 The discretisation is built from eight elementary staggered operators:
 averages and differences in x and y, towards the next index (``xp``, ``yp``)
-or the previous one (``xm``, ``ym``). Each returns a full-size array that is
-zero where its stencil leaves the padded patch; the model only reads results
+or the previous one (``xm``, ``ym``). Each returns a full-size array. Entries near
+the edges of the padded patch are invalid, but the model only reads results
 in the owned interior, where the stencils of all terms stay inside the halo
 of width one. Each operator has its transpose (suffix ``_T``), which adds
 into an accumulator. The tangent linear of the tendency is the product rule
@@ -37,9 +37,9 @@ class StaggeredOps:
     east (centre → u point, v point → corner). ``avg_xm`` and ``diff_xm``
     store the same combinations at ``[a, b+1]``, which moves a field half a
     cell west (u point → centre, corner → v point). The y operators do the same along
-    y. Entries whose stencil leaves the flat array are zero; in the last
-    halo column the x operators wrap onto the next row, which only affects
-    halo entries that the owned interior never reads. Each call costs two
+    y. Entries whose stencil leaves the flat array are zero. In the last
+    halo column the x operators wrap onto the next row. Both cases only
+    touch halo entries that the owned interior never reads. Each call costs two
     passes over the array.
     """
 

@@ -137,10 +137,10 @@ class ShallowWaterModel:
     operators. The tangent linear and the adjoint are the exact derivatives
     of this discrete model.
 
-    Parallel layout: one DMDA over ``comm`` with ``dof = 3`` per cell (η at
-    the centre, u on the east face, v on the north face; stencil width 1,
-    BOX, GHOSTED boundaries), and one DMDA with ``dof = 3k`` per batch size k
-    so that k directions share every halo exchange. The east faces of the
+    Parallel layout: one DMDA over ``comm`` with ``dof = 3`` per cell, with
+    η at the centre, u on the east face and v on the north face (stencil
+    width 1, BOX, GHOSTED boundaries). A second DMDA with ``dof = 3k``,
+    cached per batch size k, lets k directions share every halo exchange. The east faces of the
     last column and the north faces of the last row are walls: these padding
     entries are removed in the compact layout used by every public Vec and
     array (global size ``n``). Results do not depend on the number of ranks

@@ -13,7 +13,9 @@ SECONDS_PER_DAY = 86400.0
 
 # Spin-up length and background averaging period per preset [days]. On the
 # 64 × 64 grid the double gyre and its jet form within about three years of
-# model time. The coarse presets are more viscous and settle sooner.
+# model time. On the small grid the gyre is formed after about three years
+# and its jet then keeps varying; the very viscous tiny preset settles
+# within a year.
 SPINUP_DAYS = {
     "tiny": dict(spinup=365.0, background=90.0),
     "small": dict(spinup=5 * 365.0, background=365.0),
