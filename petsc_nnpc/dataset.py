@@ -604,6 +604,19 @@ def _check_resumable(path, old, new):
             )
 
 
+def _remove_partial_writes(folder):
+    """Delete temporary files left by a write that a kill interrupted.
+
+    ``atomic_write_bytes`` writes ``.tmp-*`` files beside the target and
+    renames them when complete, so any such file left here is partial.
+    Only one generation may run on a folder at a time.
+    """
+    for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(folder, name))
+            log.info("removed %s, a partial write of an interrupted run", name)
+
+
 def _scan_shard(folder, j, n, k, shard_size, total):
     """Return the arrays of shard ``j`` if it is complete and valid, else ``None``.
 
@@ -680,6 +693,7 @@ def generate_dataset(model, operator, config, folder, initial_state, extra=None,
             if os.path.exists(path):
                 _check_resumable(path, read_dataset_metadata(folder), record)
             atomic_write_json(path, record)
+            _remove_partial_writes(folder)
             shard_count = -(-N // S)
             plan = [j for j in range(shard_count)
                     if _scan_shard(folder, j, n, k, S, N) is None]

@@ -242,3 +242,34 @@ def test_two_ranks_match_one_rank(reference, tmp_path):
         scale = np.abs(one[name]["AZ"]).max()
         assert np.abs(two[name]["AZ"] - one[name]["AZ"]).max() <= 1e-6 * scale
     assert json.loads((tmp_path / "two" / "dataset.json").read_text())["n"] == 280
+
+
+def test_generate_killed_by_signal_resumes(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    def command(out):
+        return [sys.executable, "-m", "petsc_nnpc.cli", "generate", "--preset", "tiny",
+                "--states", "16", "--k", "8", "--shard-size", "2", "--no-progress", "--out", str(out)]
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run(command(tmp_path / "straight"), env=env, check=True, capture_output=True, timeout=240)
+    process = subprocess.Popen(command(tmp_path / "killed"), env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (tmp_path / "killed" / "shard-00001.npz").exists() and process.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    process.kill()
+    process.wait(timeout=60)
+    written = [name for name in os.listdir(tmp_path / "killed") if name.startswith("shard-")]
+    assert 2 <= len(written) < 8
+    subprocess.run(command(tmp_path / "killed"), env=env, check=True, capture_output=True, timeout=240)
+    straight = _shards(tmp_path / "straight")
+    resumed = _shards(tmp_path / "killed")
+    assert sorted(resumed) == sorted(straight)
+    for name in straight:
+        for key in ("x", "seeds", "AZ", "index"):
+            assert np.array_equal(resumed[name][key], straight[name][key]), (name, key)
+    assert not [name for name in os.listdir(tmp_path / "killed") if name.startswith(".tmp-")]

@@ -127,3 +127,20 @@ def test_train_command_unavailable_device(tiny_data, tmp_path):
                      "--device", "cuda")
     assert completed.returncode == 1
     assert "CUDA is not available on this machine; use --device cpu" in completed.stderr
+
+
+def test_inspect_command_reads_state_file():
+    from shallow_water.state import data_path
+
+    completed = nnpc("inspect", "--json", data_path("tiny", "spunup"))
+    assert completed.returncode == 0, completed.stderr
+    record = json.loads(completed.stdout)
+    assert record["kind"] == "state file"
+    assert record["n"] == 280
+    assert record["eta"]["std"] > 0
+
+
+def test_inspect_command_unknown_path(tmp_path):
+    completed = nnpc("inspect", tmp_path / "missing")
+    assert completed.returncode == 1
+    assert "missing not found" in completed.stderr

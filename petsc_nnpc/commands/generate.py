@@ -45,13 +45,16 @@ def run(args, petsc_args):
         initial_state,
     )
 
-    model, operator, da_config = build_problem(args.preset, form=args.form, comm=PETSc.COMM_WORLD)
-    config = GenerationConfig.for_preset(
-        args.preset, model.config.window_steps,
-        form=args.form, states=args.states, k=args.k, seed=args.seed,
-        shard_size=args.shard_size, lead_min=args.lead_min, lead_max=args.lead_max,
-        perturbation=args.perturbation,
-    )
+    try:
+        model, operator, da_config = build_problem(args.preset, form=args.form, comm=PETSc.COMM_WORLD)
+        config = GenerationConfig.for_preset(
+            args.preset, model.config.window_steps,
+            form=args.form, states=args.states, k=args.k, seed=args.seed,
+            shard_size=args.shard_size, lead_min=args.lead_min, lead_max=args.lead_max,
+            perturbation=args.perturbation,
+        )
+    except ValueError as error:
+        raise SystemExit(f"nnpc generate: {error}") from None
     # Rank 0 reads the first state; a missing or invalid file stops every rank.
     x0 = error = None
     if model.comm.getRank() == 0:

@@ -54,13 +54,13 @@ def run(args, petsc_args):
     from petsc_nnpc.network import CheckpointError, DeviceError
     from petsc_nnpc.train import TrainConfig, train_from_folder
 
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        val_fraction=args.val_fraction, loss=args.loss, seed=args.seed, device=args.device,
-        sigmoid_scale=args.sigmoid_scale,
-    )
     overrides = {"width": args.width, "depth": args.depth, "head_channels": args.head_channels}
     try:
+        config = TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+            weight_decay=args.weight_decay, val_fraction=args.val_fraction, loss=args.loss,
+            seed=args.seed, device=args.device, sigmoid_scale=args.sigmoid_scale,
+        )
         if args.online:
             if args.data is not None:
                 raise SystemExit("nnpc train: --data and --online exclude each other; give one")
@@ -70,7 +70,8 @@ def run(args, petsc_args):
                 raise SystemExit("nnpc train: --data DIR is missing (or use --online)")
             summary = train_from_folder(args.data, args.out, args.preset, config, rank=args.rank,
                                         network_overrides=overrides, progress=not args.no_progress)
-    except (DatasetError, CheckpointError, DeviceError, MemoryError, FloatingPointError) as error:
+    except (DatasetError, CheckpointError, DeviceError, MemoryError, FloatingPointError,
+            ValueError) as error:
         raise SystemExit(f"nnpc train: {error}") from None
     if summary is not None:
         log.info(
