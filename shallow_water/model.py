@@ -80,13 +80,14 @@ class _Exchange:
         garr = self.gvec.getArray().reshape(self.owned_shape)
         garr[...] = owned.transpose(1, 2, 0, 3)
         self.dm.globalToLocal(self.gvec, self.lvec, addv=PETSc.InsertMode.INSERT_VALUES)
+        # The scatter leaves halo cells outside the basin as they were, and
+        # an adjoint run writes into them, so they are reset here.
+        larr = self.lvec.getArray().reshape(self.padded_shape)
+        for index in self.outside:
+            larr[index] = 0.0
 
     def read(self, start, stop):
-        """Return η, u, v of columns ``start:stop`` on the padded patch, each ``(Y·X, stop − start)``.
-
-        Halo cells outside the basin read zero: the global-to-local scatter
-        never writes them, and :meth:`sum_adjoint` zeroes them.
-        """
+        """Return η, u, v of columns ``start:stop`` on the padded patch, each ``(Y·X, stop − start)``."""
         larr = self.lvec.getArray(readonly=True).reshape(self.padded_shape)
         width = stop - start
         return [np.array(larr[:, :, var, start:stop]).reshape(-1, width) for var in range(3)]

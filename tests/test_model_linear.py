@@ -108,3 +108,12 @@ def test_tl_rejects_wrong_shape():
         model.tl(traj, np.zeros(model.local_size))
     with pytest.raises(ValueError, match="local_size"):
         model.adjoint(traj, np.zeros((model.local_size + 1, 2)))
+
+
+def test_tl_after_adjoint_unchanged(case):
+    model, _, traj = case
+    directions = checks.random_directions(model, seed=13, k=2)
+    before = model.tl(traj, directions)
+    model.adjoint(traj, directions)
+    after = model.tl(traj, directions)
+    np.testing.assert_array_equal(before, after)
