@@ -9,7 +9,7 @@ stored seed, and ``A_{x_i} Z_i`` costs one batched TL and one batched
 adjoint run.
 
 A data folder contains ``dataset.json`` and shards ``shard-NNNNN.npz``. Shard
-``j`` holds samples ``j·S … (j+1)·S − 1`` (``S`` the shard size) as ``x``
+``j`` contains samples ``j·S … (j+1)·S − 1`` (``S`` the shard size) as ``x``
 ``(m, n)`` float64, ``seeds`` ``(m,)`` int64, ``AZ`` ``(m, n, k)`` float32
 and ``index`` ``(m,)`` int64 (the sample numbers), all in natural ordering.
 Every random number of sample ``i`` (its ``Z`` seed, lead time and
@@ -121,7 +121,8 @@ class GenerationConfig:
         """Return the defaults of ``preset`` with ``overrides`` (``None`` values ignored).
 
         Lead times run from one to three windows of ``window_steps`` steps.
-        The paper preset uses the paper's ``N = 1000`` states and ``k = 100``.
+        The paper preset uses ``N = 1000`` states and ``k = 100``, as Trappler &
+        Vidard did for their 64×64 shallow-water case.
         """
         if preset not in GENERATION_PRESETS:
             raise ValueError(
@@ -758,7 +759,7 @@ def generate_dataset(model, operator, config, folder, initial_state, extra=None,
 class OnlineSamples:
     """Samples produced while training runs (algorithm 2.1 used online).
 
-    A fixed validation set is drawn first; each :meth:`refresh` then adds
+    A fixed validation set is drawn first. Each :meth:`refresh` then adds
     ``states_per_epoch`` new samples to a first-in first-out buffer of
     ``capacity`` samples, so memory stays bounded and the full set is never
     stored. Collective: every rank calls :meth:`refresh`; only rank 0 holds

@@ -54,8 +54,9 @@ def residual_norms(U, lam, Z, AZ):
 def frobenius_loss(U, lam, Z, AZ, kind="relative"):
     """Return the per-state randomized Frobenius loss, shape ``(B,)``.
 
-    ``kind="absolute"`` is eq. 2.10 of the paper, ``kind="relative"`` its
-    eq. 2.11 (the estimate divided by ``(1/k) Σ_j ‖A z_j‖²``).
+    ``kind="absolute"`` is the estimate itself (Trappler & Vidard, eq. 2.10),
+    ``kind="relative"`` the estimate divided by ``(1/k) Σ_j ‖A z_j‖²``
+    (their eq. 2.11).
     """
     residual, reference = residual_norms(U, lam, Z, AZ)
     if kind == "absolute":

@@ -12,7 +12,8 @@ The state enters as a 3-channel ``ny × nx`` image (η, u, v). On the C-grid
 ``u`` has one column fewer than η and ``v`` one row fewer; the missing
 column or row is the wall, filled with zeros on input and dropped on output.
 The body is a U-Net whose downsampling path uses transformer blocks
-(self-attention over the cells of each coarse level), as the paper reports.
+(self-attention over the cells of each coarse level), the architecture
+Trappler & Vidard report as working best for this problem.
 The vectors come out of a pointwise MLP with ``3 r`` output channels, and
 the logits from the pooled bottleneck, so the parameter count grows like
 ``head_channels · r``, never like ``n · r``.

@@ -51,7 +51,7 @@ log = logging.getLogger("petsc_nnpc.train")
 # spectrum is flat and about as wide as the number of observations, so r
 # follows it: the tiny preset (100 observations, n = 280) has about 60
 # eigenvalues near the top one, the small preset observes 256 cells, and
-# the paper trains r = 2000 on its 64×64 grid.
+# Trappler & Vidard train r = 2000 on their 64×64 grid.
 DEFAULT_RANK = {"tiny": 64, "small": 256, "paper": 2000}
 
 METRIC_COLUMNS = (
@@ -85,7 +85,8 @@ class TrainConfig:
     val_fraction : float
         Fraction of the samples (the chain's tail) held out for validation.
     loss : {"relative", "absolute"}
-        Training loss, eq. 2.11 or eq. 2.10 of the paper.
+        Training loss: the Frobenius error relative to ``‖A_x‖_F²`` (eq. 2.11 of
+        Trappler & Vidard) or absolute (their eq. 2.10).
     grad_clip : float
         Maximum gradient norm; 0 turns clipping off.
     seed : int
@@ -658,7 +659,7 @@ class Trainer:
                 self._finish_epoch(epoch, train_loss, self.evaluate(online.validation),
                                    self.optimizer.param_groups[0]["lr"], seconds, len(online.train))
                 self._save_state(epoch, extra_arrays=arrays)
-            # Every rank is told, so that a callback can stop all of them.
+            # The callback runs on every rank, so that it can stop all of them.
             if self.on_epoch_end is not None:
                 self.on_epoch_end(epoch, self.rows[-1] if root else None)
         return self.summary() if root else None

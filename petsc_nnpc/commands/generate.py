@@ -23,9 +23,9 @@ def add_arguments(parser):
                         help="operator: A_x itself (paper) or I + B^1/2 G^T R^-1 G B^1/2 (bhalf)")
     parser.add_argument("--shard-size", type=int, default=None, help="samples per shard file")
     parser.add_argument("--lead-min", type=int, default=None,
-                        help="shortest lead time between states, in model steps (default: one window)")
+                        help="minimum lead time between states, in model steps (default: one window)")
     parser.add_argument("--lead-max", type=int, default=None,
-                        help="longest lead time between states, in model steps (default: three windows)")
+                        help="maximum lead time between states, in model steps (default: three windows)")
     parser.add_argument("--perturbation", type=float, default=None,
                         help="perturbation added before each advance, relative to each variable's "
                              "spatial standard deviation (default: 0.01)")
