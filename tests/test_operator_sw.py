@@ -99,19 +99,25 @@ def test_tiny_block_equals_single_products(system):
 
 
 def test_tiny_cg_equals_dense_solve(system, dense):
-    solution, record = solve_inner_loop(system)
-    assert record.converged_reason == "CONVERGED_RTOL"
     natural = system.operator.natural_indices
     b = np.empty(280)
     b[natural] = system.rhs.getArray()
     reference = np.linalg.solve(dense, b)
-    # rtol 1e-7 on the residual bounds the error by cond(A) · 1e-7; the
-    # error of CG in the A-norm is much smaller in practice.
-    error = np.linalg.norm(solution.getArray() - reference[natural])
-    assert error <= 1e-4 * np.linalg.norm(reference)
-    residual = np.linalg.norm(b - dense @ np.asarray(
-        [solution.getArray()[np.flatnonzero(natural == j)[0]] for j in range(280)]))
-    assert residual <= 1e-7 * np.linalg.norm(b) * 1.01
+    x = np.empty(280)
+
+    # Default tolerance: the residual meets it, and the error is bounded by
+    # cond(A) · 1e-7, about 4e-2 here; it comes out near 1e-4.
+    solution, record = solve_inner_loop(system)
+    assert record.converged_reason == "CONVERGED_RTOL"
+    x[natural] = solution.getArray()
+    assert np.linalg.norm(b - dense @ x) <= 1.01e-7 * np.linalg.norm(b)
+    assert np.linalg.norm(x - reference) <= 1e-3 * np.linalg.norm(reference)
+
+    # A tight tolerance reaches the dense solution.
+    solution, record = solve_inner_loop(system, options={"ksp_rtol": 1e-13})
+    assert record.converged
+    x[natural] = solution.getArray()
+    assert np.linalg.norm(x - reference) <= 1e-7 * np.linalg.norm(reference)
 
 
 def test_tiny_bhalf_form(system, dense):
