@@ -244,9 +244,9 @@ def _fix_hint(folder):
 class ShardDataset:
     """Reader of a data folder, validating every shard it opens.
 
-    Opening checks ``dataset.json`` and the header of every shard (keys,
-    shapes, dtypes, a readable zip); loading a shard checks its values (no
-    NaN or Inf, sample numbers in order). Shards are kept in a small LRU
+    Opening checks ``dataset.json`` and the header of every shard: keys,
+    shapes, dtypes and a readable zip. Loading a shard checks its values
+    (no NaN or Inf, sample numbers in order). Shards are kept in an LRU
     cache, and :meth:`batch` serves samples in natural ordering.
 
     Parameters
@@ -255,11 +255,14 @@ class ShardDataset:
         Data folder written by :func:`generate_dataset`.
     preset : str, optional
         Expected preset; a folder made for another one is rejected.
-    cache_shards : int
-        Shards kept in memory.
+    form : str, optional
+        Expected operator form.
+    cache_shards : int, optional
+        Shards kept in memory; by default as many as fit in a quarter of the
+        available memory (at least 2).
     """
 
-    def __init__(self, folder, preset=None, form=None, cache_shards=64):
+    def __init__(self, folder, preset=None, form=None, cache_shards=None):
         self.folder = os.fspath(folder)
         self.metadata = read_dataset_metadata(self.folder)
         meta = self.metadata
@@ -278,7 +281,6 @@ class ShardDataset:
         self.k = int(meta["k"])
         self.grid_shape = tuple(meta["grid_shape"])
         self.shard_size = int(meta["generation"]["shard_size"])
-        self.cache_shards = cache_shards
         self._cache = OrderedDict()
         self.shards = []  # (path, first sample, count)
         names = sorted(name for name in os.listdir(self.folder) if SHARD_PATTERN.match(name))
@@ -306,6 +308,11 @@ class ShardDataset:
                 f"{self.folder} contains no shard; run `nnpc generate --out {self.folder}` first"
             )
         self._starts = np.array([first for _, first, _ in self.shards])
+        if cache_shards is None:
+            shard_bytes = self.shard_size * self.n * (4 * self.k + 8 + 16)
+            available = _available_memory() or 4 * 2**30
+            cache_shards = max(2, int(0.25 * available // shard_bytes))
+        self.cache_shards = cache_shards
 
     def _check_header(self, path):
         try:
@@ -364,6 +371,22 @@ class ShardDataset:
             raise IndexError(f"sample indices must lie in [0, {self.size})")
         shard = np.searchsorted(self._starts, indices, side="right") - 1
         return indices, shard
+
+    def epoch_order(self, indices, rng):
+        """Return ``indices`` shuffled so that a pass loads each shard once.
+
+        Shards are visited in random order, in groups that fit the cache,
+        and the samples of each group are shuffled together. When every
+        shard fits in the cache this is a plain permutation.
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        _, shard = self._locate(indices)
+        shard_order = rng.permutation(np.unique(shard))
+        order = []
+        for start in range(0, shard_order.size, self.cache_shards):
+            group = np.isin(shard, shard_order[start:start + self.cache_shards])
+            order.append(rng.permutation(indices[group]))
+        return np.concatenate(order) if order else indices
 
     def states(self, indices):
         indices, shard = self._locate(indices)

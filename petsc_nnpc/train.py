@@ -157,6 +157,14 @@ class Subset:
     def states(self, positions):
         return self.source.states(self.indices[np.asarray(positions)])
 
+    def epoch_order(self, rng):
+        """Return a shuffled order of positions, shard by shard when the source has shards."""
+        if not hasattr(self.source, "epoch_order"):
+            return rng.permutation(len(self))
+        position_of = {index: position for position, index in enumerate(self.indices.tolist())}
+        order = self.source.epoch_order(self.indices, rng)
+        return np.array([position_of[index] for index in order.tolist()], dtype=np.int64)
+
 
 def split_samples(source, val_fraction):
     """Return ``(train, val)`` subsets: validation is the chain's last samples."""
@@ -503,7 +511,11 @@ class Trainer:
         self.network.train()
         config = self.config
         dtype = self.network.stem.weight.dtype
-        order = np.random.default_rng(np.random.SeedSequence([config.seed, epoch])).permutation(len(samples))
+        rng = np.random.default_rng(np.random.SeedSequence([config.seed, epoch]))
+        if hasattr(samples, "epoch_order"):
+            order = samples.epoch_order(rng)
+        else:
+            order = rng.permutation(len(samples))
         batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         losses = []
         bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not self.progress)

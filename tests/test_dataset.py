@@ -273,3 +273,22 @@ def test_generate_killed_by_signal_resumes(tmp_path):
         for key in ("x", "seeds", "AZ", "index"):
             assert np.array_equal(resumed[name][key], straight[name][key]), (name, key)
     assert not [name for name in os.listdir(tmp_path / "killed") if name.startswith(".tmp-")]
+
+
+def test_epoch_order_loads_each_shard_once(reference):
+    from collections import OrderedDict
+
+    data = ShardDataset(reference, cache_shards=2)
+    order = data.epoch_order(np.arange(10), np.random.default_rng(0))
+    assert sorted(order.tolist()) == list(range(10))
+    # Replay the order through an LRU cache of two shards and count loads.
+    cache, loads = OrderedDict(), 0
+    for shard in (order // 4).tolist():
+        if shard in cache:
+            cache.move_to_end(shard)
+            continue
+        loads += 1
+        cache[shard] = True
+        if len(cache) > 2:
+            cache.popitem(last=False)
+    assert loads == 3
