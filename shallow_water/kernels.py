@@ -52,22 +52,24 @@ class StaggeredOps:
     @staticmethod
     def _shift_p(f, s, scale, subtract):
         out = np.empty_like(f)
+        body = out[:-s]
         if subtract:
-            np.subtract(f[s:], f[:-s], out=out[:-s])
+            np.subtract(f[s:], f[:-s], out=body)
         else:
-            np.add(f[s:], f[:-s], out=out[:-s])
-        out[:-s] *= scale
+            np.add(f[s:], f[:-s], out=body)
+        body *= scale
         out[-s:] = 0.0
         return out
 
     @staticmethod
     def _shift_m(f, s, scale, subtract):
         out = np.empty_like(f)
+        body = out[s:]
         if subtract:
-            np.subtract(f[s:], f[:-s], out=out[s:])
+            np.subtract(f[s:], f[:-s], out=body)
         else:
-            np.add(f[s:], f[:-s], out=out[s:])
-        out[s:] *= scale
+            np.add(f[s:], f[:-s], out=body)
+        body *= scale
         out[:s] = 0.0
         return out
 
