@@ -110,7 +110,7 @@ fi
 
 install_python_packages
 
-if "$venv/bin/python" -c 'import petsc_nnpc, shallow_water' >/dev/null 2>&1 \
+if "$venv/bin/python" -c 'import petsc_nnpc.cli; from shallow_water import ShallowWaterModel' >/dev/null 2>&1 \
         && [ -x "$venv/bin/nnpc" ]; then
     say "petsc_nnpc already installed in editable mode"
 else
