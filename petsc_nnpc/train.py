@@ -247,9 +247,11 @@ def estimate_training_memory(network, batch_size, k, loss="relative"):
 
     Activations saved for the backward pass are measured on one state
     through ``torch.autograd.graph.saved_tensors_hooks`` (tensors that
-    share storage are counted once) and scaled by ``batch_size``. Weights,
-    gradients and the two AdamW moments add ``4 ×`` the parameters, and the
-    batch's ``x``, ``Z`` and ``A_x Z`` add ``n (1 + 2k)`` values per state.
+    share storage are counted once, weights not at all) and scaled by
+    ``batch_size``. Weights, gradients and the two AdamW moments add
+    ``4 ×`` the parameters, and the batch's ``x``, ``Z`` and ``A_x Z`` add
+    ``n (1 + 2k)`` values per state. Temporaries of the backward pass are
+    not counted, so the real peak is higher.
 
     Returns
     -------
@@ -261,10 +263,13 @@ def estimate_training_memory(network, batch_size, k, loss="relative"):
     device = next(network.parameters()).device
     dtype = next(network.parameters()).dtype
     seen = {}
+    weights = {p.untyped_storage().data_ptr() for p in network.parameters()}
+    weights |= {b.untyped_storage().data_ptr() for b in network.buffers()}
 
     def pack(tensor):
         storage = tensor.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in weights:
+            seen[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     x = torch.zeros(1, config.n, dtype=torch.float64, device=device)
@@ -288,16 +293,21 @@ def estimate_training_memory(network, batch_size, k, loss="relative"):
 
 
 def check_batch_memory(network, batch_size, k, device, loss="relative"):
-    """Raise ``MemoryError`` naming the batch size when a step cannot fit."""
+    """Raise ``MemoryError`` naming the batch size when a step cannot fit.
+
+    The saved activations are counted 1.5 times, an allowance for the
+    temporaries of the backward pass, and 10% of the free memory is kept.
+    """
     estimate = estimate_training_memory(network, batch_size, k, loss=loss)
     available = _available_memory(device)
-    if available is not None and estimate["total"] > 0.9 * available:
-        per_state = estimate["activations_per_state"] + estimate["data_per_state"]
+    per_state = 1.5 * estimate["activations_per_state"] + estimate["data_per_state"]
+    need = estimate["optimizer"] + batch_size * per_state
+    if available is not None and need > 0.9 * available:
         fits = int(max(0, 0.9 * available - estimate["optimizer"]) // max(1, per_state))
         raise MemoryError(
-            f"batch size {batch_size} needs about {estimate['total'] / 2**30:.2f} GiB on "
-            f"{device} but {available / 2**30:.2f} GiB is free; use --batch-size {max(1, fits)} "
-            "or less, or a device with more memory"
+            f"batch size {batch_size} needs about {need / 2**30:.2f} GiB on {device} but "
+            f"{available / 2**30:.2f} GiB is free; use --batch-size {max(1, fits)} or less, "
+            "or a device with more memory"
         )
     return estimate
 
