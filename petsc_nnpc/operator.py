@@ -195,7 +195,8 @@ def da_config_for_preset(preset, form=None):
     observations on its 32 × 32 grid), so that the informative part of the
     spectrum (rank at most the number of observations) is within the ranks
     a 2-core demonstration can afford: unpreconditioned CG needs about 46
-    iterations there and the exact 64 leading eigenpairs bring it to 9. ``form`` overrides the default ``"paper"``.
+    iterations there and the exact 64 leading eigenpairs bring it to 9.
+    ``form`` overrides the default ``"paper"``.
     """
     presets = {
         "tiny": ObservationConfig(),
