@@ -504,6 +504,7 @@ class Trainer:
         """Return ``(relative, absolute)`` mean losses over ``samples``."""
         self.network.eval()
         relative, absolute = [], []
+        largest = 0.0
         dtype = self.network.stem.weight.dtype
         with torch.no_grad():
             for start in range(0, len(samples), self.config.batch_size):
@@ -512,6 +513,16 @@ class Trainer:
                 U, lam = self.network(x)
                 absolute.append(frobenius_loss(U, lam, Z, AZ, kind="absolute").double().cpu())
                 relative.append(frobenius_loss(U, lam, Z, AZ, kind="relative").double().cpu())
+                largest = max(largest, float(lam.max()))
+        # U Λ Uᵀ = 0 gives a relative loss of exactly 1, and a sigmoid driven
+        # into saturation stays there because its gradient vanishes. With M
+        # about twice λ_max, a leading eigenvalue below M/100 means collapse.
+        if largest < 1e-2 * self.network.config.sigmoid_scale:
+            log.warning(
+                "all predicted eigenvalues are below M/100 (largest %.3g, M = %.3g): the "
+                "eigenvalue head has collapsed to zero; train again with a lower --lr",
+                largest, self.network.config.sigmoid_scale,
+            )
         return float(torch.cat(relative).mean()), float(torch.cat(absolute).mean())
 
     def train_epoch(self, samples, epoch, total_steps, steps_done):
