@@ -14,9 +14,12 @@ column or row is the wall, filled with zeros on input and dropped on output.
 The body is a U-Net whose downsampling path uses transformer blocks
 (self-attention over the cells of each coarse level), the architecture
 Trappler & Vidard report as working best for this problem.
-The vectors come out of a pointwise MLP with ``3 r`` output channels, and
-the logits from the pooled bottleneck, so the parameter count grows like
-``head_channels · r``, never like ``n · r``.
+The vectors come out of a pointwise MLP with ``3 r`` output channels, plus
+a learned state-independent base ``Ũ₀`` (one weight per output entry,
+about ``n · r``; optional), and the logits from the pooled bottleneck.
+Without the base the parameter count grows like ``head_channels · r`` and
+does not depend on the grid; no layer maps to ``U`` densely, which would
+cost ``n · r`` times its input size.
 
 Checkpoints are a folder with ``weights.safetensors`` and
 ``checkpoint.json``; loading reads tensors and JSON only and never runs
@@ -98,6 +101,10 @@ class NetworkConfig:
         Hidden channels of the pointwise MLP that outputs the vectors; 0
         chooses ``min(max(2·width, r), 1024)``. ``Ũ`` has rank at most
         ``3 · head_channels``, so it must not be much below ``r / 3``.
+    base_vectors : bool
+        Add a learned, state-independent ``Ũ₀`` (``n · r`` weights, one per
+        output entry) to the network's vectors, so that the convolutions
+        only learn how the leading subspace moves with the state.
     """
 
     grid_shape: tuple
@@ -110,6 +117,7 @@ class NetworkConfig:
     mlp_ratio: float = 2.0
     eigen_hidden: int = 128
     head_channels: int = 0
+    base_vectors: bool = True
 
     def __post_init__(self):
         self.grid_shape = tuple(int(v) for v in self.grid_shape)
@@ -330,6 +338,10 @@ class EigenpairNetwork(nn.Module):
             nn.SiLU(),
             nn.Conv2d(config.head_width, 3 * config.rank, 1),
         )
+        self.base = None
+        if config.base_vectors:
+            ny, nx = config.grid_shape
+            self.base = nn.Parameter(torch.zeros(1, 3 * config.rank, ny, nx))
         self.eigen_head = nn.Sequential(
             nn.LayerNorm(widths[-1]),
             nn.Linear(widths[-1], config.eigen_hidden),
@@ -395,6 +407,8 @@ class EigenpairNetwork(nn.Module):
             h = block(torch.cat([up(h), skip], dim=1))
         out = self.vector_head(F.silu(self.head_norm(h)))  # (B, 3r, py, px)
         out = out[:, :, :ny, :nx]  # (B, 3r, ny, nx)
+        if self.base is not None:
+            out = out + self.base  # (1, 3r, ny, nx) broadcast over the batch
         r = config.rank
         out = out.reshape(B, 3, r, ny * nx).transpose(1, 2)  # (B, r, 3, ny*nx)
         out = out.reshape(B, r, 3 * ny * nx)  # (B, r, 3*ny*nx)

@@ -59,23 +59,35 @@ def test_output_orthonormal_and_sorted(grid_shape):
 
 
 def test_parameters_independent_of_grid_size():
-    # No layer is tied to n: a 4× larger grid has exactly as many weights.
-    assert _network((8, 8), rank=6).parameter_count() == _network((32, 32), rank=6).parameter_count()
+    # Without the base vectors no layer is tied to n: a 16× larger grid
+    # has exactly as many weights.
+    small = _network((8, 8), rank=6, base_vectors=False).parameter_count()
+    large = _network((32, 32), rank=6, base_vectors=False).parameter_count()
+    assert small == large
+
+
+def test_base_vectors_one_weight_per_output():
+    # The state-independent Ũ₀ has one weight per pixel of each output
+    # channel: 3 r ny nx, about n r, and nothing of order n r times more.
+    with_base = _network((8, 8), rank=6).parameter_count()
+    without = _network((8, 8), rank=6, base_vectors=False).parameter_count()
+    assert with_base - without == 3 * 6 * 8 * 8
 
 
 def test_parameters_grow_linearly_with_rank():
     # Per eigenpair: 3 output channels of the vector head (head_channels + 1
     # weights each) and one output of the eigenvalue head (eigen_hidden + 1).
     config = NetworkConfig.for_preset("tiny", (8, 8), 2, 1.0, head_channels=16)
-    one = _network((8, 8), rank=2, head_channels=16).parameter_count()
-    two = _network((8, 8), rank=3, head_channels=16).parameter_count()
+    one = _network((8, 8), rank=2, head_channels=16, base_vectors=False).parameter_count()
+    two = _network((8, 8), rank=3, head_channels=16, base_vectors=False).parameter_count()
     assert two - one == 3 * (config.head_channels + 1) + config.eigen_hidden + 1
 
 
 def test_paper_network_has_no_dense_n_by_r_layer():
-    config = NetworkConfig.for_preset("paper", (64, 64), 2000, 2e4)
+    config = NetworkConfig.for_preset("paper", (64, 64), 2000, 2e4, base_vectors=False)
     params = EigenpairNetwork(config).parameter_count()
-    # One dense layer from any feature vector to U would alone hold n·r weights.
+    # One dense layer from any feature vector to U would alone hold n·r
+    # weights times that vector's length.
     assert params < config.n * config.rank
 
 
