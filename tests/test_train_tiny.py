@@ -29,6 +29,16 @@ def nnpc(*args, timeout=240):
     return completed
 
 
+def nnpc_in_process(*args):
+    """Run ``nnpc`` in this process; return the ``SystemExit`` message or exit code."""
+    from petsc_nnpc import cli
+
+    try:
+        return cli.main([str(arg) for arg in args])
+    except SystemExit as stop:
+        return stop.code
+
+
 def _rows(path):
     with open(path) as handle:
         return list(csv.DictReader(handle))
@@ -69,26 +79,24 @@ def test_train_command_lowers_validation_loss(trained):
     assert predictor.metadata["preset"] == "tiny"
 
 
-def test_inspect_command_reports_parameters(tiny_data, trained):
-    checkpoint = nnpc("inspect", trained / "model")
-    assert checkpoint.returncode == 0, checkpoint.stderr
-    assert "parameters" in checkpoint.stdout
-    assert "r = 64" in checkpoint.stdout
-    data = nnpc("inspect", "--json", tiny_data)
-    assert json.loads(data.stdout)["samples_written"] == 24
+def test_inspect_command_reports_parameters(tiny_data, trained, capsys):
+    assert nnpc_in_process("inspect", trained / "model") == 0
+    text = capsys.readouterr().out
+    assert "parameters" in text
+    assert "r = 64" in text
+    assert nnpc_in_process("inspect", "--json", tiny_data) == 0
+    assert json.loads(capsys.readouterr().out)["samples_written"] == 24
 
 
 def test_train_command_rejects_other_preset(tiny_data, tmp_path):
-    completed = nnpc("train", "--preset", "small", "--data", tiny_data, "--out", tmp_path)
-    assert completed.returncode == 1
-    assert "generated for preset 'tiny' but preset 'small' was requested" in completed.stderr
+    message = nnpc_in_process("train", "--preset", "small", "--data", tiny_data, "--out", tmp_path)
+    assert "generated for preset 'tiny' but preset 'small' was requested" in message
     assert not (tmp_path / "model").exists()
 
 
 def test_train_command_without_data_rejected(tmp_path):
-    completed = nnpc("train", "--preset", "tiny", "--out", tmp_path)
-    assert completed.returncode == 1
-    assert "--data DIR is missing" in completed.stderr
+    message = nnpc_in_process("train", "--preset", "tiny", "--out", tmp_path)
+    assert "--data DIR is missing" in message
 
 
 def _online(out, epochs=3):
@@ -123,24 +131,21 @@ def test_online_two_ranks_resume_matches_one_rank(tmp_path):
 def test_train_command_unavailable_device(tiny_data, tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
-    completed = nnpc("train", "--preset", "tiny", "--data", tiny_data, "--out", tmp_path,
-                     "--device", "cuda")
-    assert completed.returncode == 1
-    assert "CUDA is not available on this machine; use --device cpu" in completed.stderr
+    message = nnpc_in_process("train", "--preset", "tiny", "--data", tiny_data, "--out", tmp_path,
+                              "--device", "cuda")
+    assert "CUDA is not available on this machine; use --device cpu" in message
 
 
-def test_inspect_command_reads_state_file():
+def test_inspect_command_reads_state_file(capsys):
     from shallow_water.state import data_path
 
-    completed = nnpc("inspect", "--json", data_path("tiny", "spunup"))
-    assert completed.returncode == 0, completed.stderr
-    record = json.loads(completed.stdout)
+    assert nnpc_in_process("inspect", "--json", data_path("tiny", "spunup")) == 0
+    record = json.loads(capsys.readouterr().out)
     assert record["kind"] == "state file"
     assert record["n"] == 280
     assert record["eta"]["std"] > 0
 
 
 def test_inspect_command_unknown_path(tmp_path):
-    completed = nnpc("inspect", tmp_path / "missing")
-    assert completed.returncode == 1
-    assert "missing not found" in completed.stderr
+    message = nnpc_in_process("inspect", tmp_path / "missing")
+    assert "missing not found" in message
