@@ -9,7 +9,7 @@ scaled sigmoid ``S_M(t) = M / (1 + e^{−t})``, so that ``U Λ Uᵀ`` approximat
 the Gauss-Newton matrix ``A_x``.
 
 The state enters as a 3-channel ``ny × nx`` image (η, u, v). On the C-grid
-``u`` has one column fewer than η and ``v`` one row fewer; the missing
+``u`` has one column fewer than η and ``v`` one row fewer. The missing
 column or row is the wall, filled with zeros on input and dropped on output.
 The body is a U-Net whose downsampling path uses transformer blocks
 (self-attention over the cells of each coarse level), the architecture

@@ -40,8 +40,10 @@ def test_state_image_places_every_entry_once():
     img = image.to_image(x)[0]  # (3, 5, 7)
     assert torch.all(img[1, :, 6] == 0)  # east wall of u
     assert torch.all(img[2, 4, :] == 0)  # north wall of v
-    assert img[0, 0, 0] == 1 and img[0, 4, 6] == 35  # η row-major, y slow
-    assert img[1, 0, 0] == 36 and img[1, 0, 5] == 41  # u: 6 faces per row
+    assert img[0, 0, 0] == 1  # η row-major, y slow
+    assert img[0, 4, 6] == 35
+    assert img[1, 0, 0] == 36  # u: 6 faces per row
+    assert img[1, 0, 5] == 41
     assert img[2, 0, 0] == 36 + 30  # v after u's 5·6 entries
 
 
@@ -83,7 +85,7 @@ def test_parameters_grow_linearly_with_rank():
     assert two - one == 3 * (config.head_channels + 1) + config.eigen_hidden + 1
 
 
-def test_paper_network_has_no_dense_n_by_r_layer():
+def test_paper_network_size_below_dense_layer():
     config = NetworkConfig.for_preset("paper", (64, 64), 2000, 2e4, base_vectors=False)
     params = EigenpairNetwork(config).parameter_count()
     # One dense layer from any feature vector to U would alone hold n·r
@@ -118,7 +120,8 @@ def test_checkpoint_round_trip_identical_outputs(tmp_path):
     U, lam = predictor.predict(x)
     with torch.no_grad():
         U_ref, lam_ref = net.eval()(torch.from_numpy(x).unsqueeze(0), qr_dtype=torch.float64)
-    assert U.dtype == np.float64 and U.shape == (state_size((5, 7)), 4)
+    assert U.dtype == np.float64
+    assert U.shape == (state_size((5, 7)), 4)
     assert np.array_equal(U, U_ref[0].numpy())
     assert np.array_equal(lam, lam_ref[0].numpy())
     assert np.allclose(U.T @ U, np.eye(4), atol=1e-13)
@@ -132,7 +135,8 @@ def test_predict_leading_pairs_of_smaller_rank(tmp_path):
     predictor = load_checkpoint(path)
     U, lam = predictor.predict(x)
     U2, lam2 = predictor.predict(x, rank=2)
-    assert np.array_equal(U2, U[:, :2]) and np.array_equal(lam2, lam[:2])
+    assert np.array_equal(U2, U[:, :2])
+    assert np.array_equal(lam2, lam[:2])
 
 
 def test_checkpoint_for_other_grid_rejected(tmp_path):
