@@ -79,6 +79,7 @@ def run(args, petsc_args):
             summary["initial_val_loss"], summary["final_val_loss"], summary["best_val_loss"],
             summary["epochs"], summary["model"],
         )
+        log.info("use it with: -pc_type nnpc -pc_nnpc_model %s", summary["model"])
     return 0
 
 
