@@ -71,9 +71,17 @@ class ExperimentConfig:
         static LMP are compared.
     mus : tuple of str
         Values of ``-pc_nnpc_mu`` tried with the network (numbers, ``min``,
-        ``max``).
+        ``max``, ``spectral``). A number is ``μ`` of the split preconditioner,
+        so the leading eigenvalues of ``A P`` go to ``θ = μ²``; ``min`` and
+        ``max`` set ``θ`` to the smallest or largest retained eigenvalue.
+    baseline_mu : str
+        The ``μ`` rule of ``lmpexact``, ``lmpnystrom``, ``lmpritz`` and the
+        static LMP. On this model ``μ = 1`` maps the leading eigenvalues far
+        below the head of the spectrum and makes inexact eigenpairs harmful,
+        so the default is ``min``.
     refine : bool
-        Also run ``nnpc`` with ``-pc_nnpc_refine`` at every rank.
+        Also run ``nnpc`` with ``-pc_nnpc_refine`` at every rank (with the
+        first of ``mus``).
     ritz_pairs : int
         Maximum number of Ritz pairs ``lmpritz`` recycles.
     limit_ranks : tuple of int
@@ -98,7 +106,8 @@ class ExperimentConfig:
     batch_size: int = 4
     lr: float = 2e-3
     ranks: Tuple[int, ...] = (8, 16)
-    mus: Tuple[str, ...] = ("1", "min")
+    mus: Tuple[str, ...] = ("min", "max")
+    baseline_mu: str = "min"
     refine: bool = True
     ritz_pairs: int = 16
     limit_ranks: Tuple[int, ...] = (4, 8, 16)
@@ -129,14 +138,14 @@ class ExperimentConfig:
                 f"ranks = {self.ranks} include a rank above train_rank = {self.train_rank}: "
                 "the network predicts only train_rank eigenpairs"
             )
-        for mu in self.mus:
-            if mu not in ("min", "max"):
+        for mu in self.mus + (self.baseline_mu,):
+            if mu not in ("min", "max", "spectral"):
                 try:
                     value = float(mu)
                 except ValueError:
                     value = -1.0
                 if not value > 0:
-                    raise ValueError(f"mu = {mu!r} is invalid: use a positive number, 'min' or 'max'")
+                    raise ValueError(f"mu = {mu!r} is invalid: use a positive number, 'min', 'max' or 'spectral'")
 
     def to_dict(self):
         """Return the configuration as JSON-ready values."""
@@ -166,14 +175,14 @@ EXPERIMENT_PRESETS = {
         limit_ranks=(4, 8), twin_max_steps=4,
     ),
     "small": dict(
-        cycles=4, states=96, k=32, shard_size=16, lead_min=6, lead_max=24, train_rank=128,
-        epochs=30, batch_size=8, ranks=(32, 64, 128), mus=("1", "min"), ritz_pairs=64,
-        limit_ranks=(16, 32, 64, 128, 192, 256), twin_max_steps=24,
+        cycles=3, states=96, k=32, shard_size=16, lead_min=6, lead_max=24, train_rank=64,
+        epochs=30, batch_size=8, ranks=(32, 64), mus=("min", "max"), ritz_pairs=32,
+        limit_ranks=(8, 16, 32, 48, 64, 80), twin_max_steps=24,
     ),
     "paper": dict(
         cycles=10, states=1000, k=100, shard_size=25, lead_min=12, lead_max=96,
         train_rank=2000, epochs=100, batch_size=8, ranks=(1000, 1900, 2000),
-        mus=("1", "min"), ritz_pairs=200, limit_ranks=(50, 200, 500, 1000, 2000),
+        mus=("min", "1"), ritz_pairs=200, limit_ranks=(50, 200, 500, 1000, 2000),
         twin_max_steps=48, device="cuda",
     ),
 }
@@ -197,6 +206,7 @@ def preconditioner_specs(config, form, model_path, static_path):
 
     ``options`` are PETSc option names without dash for the KSP's prefix.
     """
+    base_mu = config.baseline_mu
     specs = [("none", {"pc_type": "none"})]
     for r in config.ranks:
         for mu in config.mus:
@@ -205,20 +215,24 @@ def preconditioner_specs(config, form, model_path, static_path):
                 "pc_nnpc_mu": mu, "pc_nnpc_device": config.device,
             }))
         if config.refine:
-            specs.append((f"nnpc r={r} mu=1 refine", {
+            mu = config.mus[0]
+            specs.append((f"nnpc r={r} mu={mu} refine", {
                 "pc_type": "nnpc", "pc_nnpc_model": model_path, "pc_nnpc_rank": r,
-                "pc_nnpc_mu": "1", "pc_nnpc_refine": "true", "pc_nnpc_device": config.device,
+                "pc_nnpc_mu": mu, "pc_nnpc_refine": "true", "pc_nnpc_device": config.device,
             }))
-        specs.append((f"lmpexact r={r}", {"pc_type": "lmpexact", "pc_lmpexact_rank": r}))
-        specs.append((f"lmpnystrom r={r}", {
-            "pc_type": "lmpnystrom", "pc_lmpnystrom_rank": r,
+        specs.append((f"lmpexact r={r} mu={base_mu}", {
+            "pc_type": "lmpexact", "pc_lmpexact_rank": r, "pc_lmpexact_mu": base_mu,
+        }))
+        specs.append((f"lmpnystrom r={r} mu={base_mu}", {
+            "pc_type": "lmpnystrom", "pc_lmpnystrom_rank": r, "pc_lmpnystrom_mu": base_mu,
             "pc_lmpnystrom_seed": config.seed,
         }))
-        specs.append((f"static r={r}", {
+        specs.append((f"static r={r} mu={base_mu}", {
             "pc_type": "lmpfile", "pc_lmpfile_path": static_path, "pc_lmpfile_rank": r,
+            "pc_lmpfile_mu": base_mu,
         }))
-    specs.append((f"lmpritz max={config.ritz_pairs}", {
-        "pc_type": "lmpritz", "pc_lmpritz_rank": config.ritz_pairs,
+    specs.append((f"lmpritz max={config.ritz_pairs} mu={base_mu}", {
+        "pc_type": "lmpritz", "pc_lmpritz_rank": config.ritz_pairs, "pc_lmpritz_mu": base_mu,
     }))
     return specs
 
