@@ -18,6 +18,7 @@ Options of this example:
 ``-preset tiny|small|paper``  model preset (default ``tiny``)
 ``-form paper|bhalf``         solve for ``δx`` or for ``v = B^{-1/2} δx`` (default ``paper``)
 ``-obs_stride S``             observe η at every S-th cell in each direction (preset's default)
+``-obs_indices I,J,...``      observe these natural-ordering state entries instead
 ``-obs_sigma S``              observation-error standard deviation σ_o, in m
 ``-bkg_sigma_eta S``, ``-bkg_sigma_u S``, ``-bkg_sigma_v S``
                               background-error standard deviations (m, m/s)

@@ -16,7 +16,8 @@ Options of this example:
 
 ``-preset tiny|small|paper``      model preset (default ``tiny``)
 ``-form paper|bhalf``             inner-loop form (default ``paper``)
-``-obs_stride S``, ``-obs_sigma S``, ``-bkg_sigma_eta S``, ``-bkg_sigma_u S``, ``-bkg_sigma_v S``
+``-obs_stride S``, ``-obs_indices I,J,...``, ``-obs_sigma S``,
+``-bkg_sigma_eta S``, ``-bkg_sigma_u S``, ``-bkg_sigma_v S``
                                   observation network and error standard deviations,
                                   as in examples/solve_inner_loop.py
 ``-cycles N``                     assimilation cycles (default 3)

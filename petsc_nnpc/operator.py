@@ -211,13 +211,23 @@ def da_config_for_preset(preset, form=None):
 def da_config_from_options(preset, options, form=None):
     """Return the preset's :class:`DAConfig` with overrides from a PETSc options database.
 
-    Reads ``-form paper|bhalf``, ``-obs_stride s``, ``-obs_sigma σ_o`` and
-    ``-bkg_sigma_NAME σ`` for each variable NAME (e.g. ``-bkg_sigma_eta 5``),
-    each falling back on the preset's value.
+    Reads ``-form paper|bhalf``, ``-obs_stride s``, ``-obs_indices i,j,...``
+    (natural-ordering indices of the whole state, in place of a stride),
+    ``-obs_sigma σ_o`` and ``-bkg_sigma_NAME σ`` for each variable NAME
+    (e.g. ``-bkg_sigma_eta 5``), each falling back on the preset's value.
     """
     base = da_config_for_preset(preset, form=form)
     observations = base.observations
-    stride = options.getInt("obs_stride", observations.stride)
+    indices = observations.indices
+    if options.hasName("obs_indices"):
+        text = options.getString("obs_indices", "")
+        try:
+            indices = tuple(int(item) for item in text.replace(" ", "").split(",") if item)
+        except ValueError:
+            raise ValueError(
+                f"-obs_indices {text!r} is invalid: give comma-separated integers, e.g. 0,7,42"
+            ) from None
+    stride = options.getInt("obs_stride", 1 if indices is not None else observations.stride)
     sigma_o = options.getReal("obs_sigma", observations.sigma_o)
     sigmas = {
         name: options.getReal(f"bkg_sigma_{name}", value)
@@ -225,7 +235,7 @@ def da_config_from_options(preset, options, form=None):
     }
     return DAConfig(
         observations=ObservationConfig(variable=observations.variable, stride=stride,
-                                       indices=observations.indices, sigma_o=sigma_o),
+                                       indices=indices, sigma_o=sigma_o),
         background_error=BackgroundErrorConfig(sigmas),
         form=options.getString("form", base.form),
     )

@@ -429,3 +429,22 @@ def test_da_config_from_options():
     assert config.background_error.sigmas == {"eta": 5.0, "u": 0.05, "v": 0.1}
     assert config.form == "bhalf"
     assert da_config_from_options("paper", options) == da_config_for_preset("paper")
+
+
+def test_da_config_observation_indices_option():
+    from petsc_nnpc.operator import da_config_from_options
+
+    options = PETSc.Options("dacfgidx_")
+    options.setValue("obs_indices", "7,3,42")
+    try:
+        config = da_config_from_options("small", options)
+    finally:
+        options.delValue("obs_indices")
+    assert config.observations.indices == (7, 3, 42)
+    assert config.observations.stride == 1
+    options.setValue("obs_indices", "7,x")
+    try:
+        with pytest.raises(ValueError, match="-obs_indices '7,x' is invalid"):
+            da_config_from_options("small", options)
+    finally:
+        options.delValue("obs_indices")
