@@ -142,9 +142,10 @@ GENERATION_PRESETS = {
 
 
 def build_problem(preset, form="paper", comm=None):
-    """Return ``(model, operator)``: the shallow-water model and its Gauss-Newton operator.
+    """Return the ``(model, operator, da_config)`` of ``preset``.
 
-    Observations and covariances are those of the preset
+    The shallow-water model, its Gauss-Newton operator in ``form``, and the
+    preset's observations and covariances
     (:func:`petsc_nnpc.operator.da_config_for_preset`).
     """
     from petsc_nnpc.operator import GaussNewtonOperator, da_config_for_preset
