@@ -13,9 +13,9 @@ A data folder contains ``dataset.json`` and shards ``shard-NNNNN.npz``. Shard
 ``(m, n)`` float64, ``seeds`` ``(m,)`` int64, ``AZ`` ``(m, n, k)`` float32
 and ``index`` ``(m,)`` int64 (the sample numbers), all in natural ordering.
 Every random number of sample ``i`` (its ``Z`` seed, lead time and
-perturbation) comes from ``SeedSequence([seed, i])``, and the chain
-continues from the last state of the previous shard, so a generation killed
-at any point resumes with the same samples, none lost and none repeated.
+perturbation) comes from ``SeedSequence([seed, i])``. The chain continues
+from the last state of the previous shard, so a generation killed at any
+point resumes with the same samples, none lost and none repeated.
 """
 
 import dataclasses
@@ -786,8 +786,8 @@ class OnlineSamples:
     A fixed validation set is drawn first. Each :meth:`refresh` then adds
     ``states_per_epoch`` new samples to a first-in first-out buffer of
     ``capacity`` samples, so memory stays bounded and the full set is never
-    stored. Collective: every rank calls :meth:`refresh`; only rank 0 holds
-    samples.
+    stored. Collective: every rank calls :meth:`refresh`, and only rank 0
+    keeps samples.
 
     The chain position and the buffer are saved by :meth:`state_arrays`, so
     a resumed training run continues the same chain.

@@ -14,9 +14,9 @@ column or row is the wall, filled with zeros on input and dropped on output.
 The body is a U-Net whose downsampling path uses transformer blocks
 (self-attention over the cells of each coarse level), the architecture
 Trappler & Vidard report as working best for this problem.
-The vectors come out of a pointwise MLP with ``3 r`` output channels, plus
-a learned state-independent base ``Ũ₀`` (one weight per output entry,
-about ``n · r``; optional), and the logits from the pooled bottleneck.
+The vectors are the output of a pointwise MLP with ``3 r`` output channels
+plus an optional learned, state-independent base ``Ũ₀`` (one weight per
+output entry, about ``n · r``). The logits come from the pooled bottleneck.
 Without the base the parameter count grows like ``head_channels · r`` and
 does not depend on the grid; no layer maps to ``U`` densely, which would
 cost ``n · r`` times its input size.
