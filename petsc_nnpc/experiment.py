@@ -6,10 +6,10 @@ Stages, each skipped when a previous run of the same command finished it:
    long run) of the preset, from the files shipped with ``shallow_water``
    (or a fresh spin-up when a file is missing).
 2. ``dataset-<form>``: the training set (Trappler & Vidard, algorithm 2.1).
-3. ``train-<form>``: the eigenpair network.
-4. ``static-<form>``: exact leading eigenpairs at the background state,
+3. ``static-<form>``: exact leading eigenpairs at the background state,
    computed once: the state-independent LMP that shows whether state
-   dependence pays.
+   dependence pays, and the starting point of the network.
+4. ``train-<form>``: the eigenpair network.
 5. ``evaluate``: the cycled twin experiment (Trappler & Vidard, algorithm
    3.1); every inner-loop system is solved from the same right-hand side by
    every preconditioner under test.
@@ -82,6 +82,10 @@ class ExperimentConfig:
     refine : bool
         Also run ``nnpc`` with ``-pc_nnpc_refine`` at every rank (with the
         first of ``mus``).
+    warm_start : bool
+        Start the network from the exact leading eigenpairs at the background
+        state (those of the static LMP), so that it learns how they change
+        with the state instead of learning them from random weights.
     ritz_pairs : int
         Maximum number of Ritz pairs ``lmpritz`` recycles.
     limit_ranks : tuple of int
@@ -109,6 +113,7 @@ class ExperimentConfig:
     mus: Tuple[str, ...] = ("min", "max")
     baseline_mu: str = "min"
     refine: bool = True
+    warm_start: bool = True
     ritz_pairs: int = 16
     limit_ranks: Tuple[int, ...] = (4, 8, 16)
     twin_max_steps: int = 8
@@ -338,8 +343,8 @@ def run_experiment(config, out_dir, force=False, progress=True, ksp_prefix="inne
     runner.run("states", study.prepare_states)
     for form in config.forms:
         runner.run(f"dataset-{form}", lambda form=form: study.generate(form))
-        runner.run(f"train-{form}", lambda form=form: study.train(form))
         runner.run(f"static-{form}", lambda form=form: study.static_eigenpairs(form))
+        runner.run(f"train-{form}", lambda form=form: study.train(form))
     runner.run("evaluate", study.evaluate)
     runner.run("analysis", study.analyse)
     runner.run("report", lambda: study.report(runner.seconds(), machine_description()))

@@ -364,6 +364,49 @@ class EigenpairNetwork(nn.Module):
         self.input_mean.copy_(mean)
         self.input_std.copy_(std)
 
+    def initialize_from_eigenpairs(self, U, lam):
+        """Start from fixed eigenpairs: the untrained network then returns ``(U, lam)``.
+
+        The learned base ``Ũ₀`` takes the columns of ``U`` (natural ordering,
+        shape ``(n, r)``), the last layers of the vector and eigenvalue heads
+        start at zero, and the eigenvalue bias is ``S_M⁻¹(lam)``. Training then
+        learns how the eigenpairs change with the state, from the loss of
+        these fixed pairs instead of that of random ones. The usual source is
+        the exact leading eigenpairs at the background state.
+        """
+        config = self.config
+        U = np.asarray(U, dtype=np.float64)
+        lam = np.asarray(lam, dtype=np.float64).reshape(-1)
+        if self.base is None:
+            raise ValueError(
+                "this network has no base vectors (base_vectors = False): build it with "
+                "base_vectors = True to start from given eigenpairs"
+            )
+        if U.shape != (config.n, config.rank) or lam.shape != (config.rank,):
+            raise ValueError(
+                f"initial eigenpairs of shapes U {U.shape} and lam {lam.shape} do not fit "
+                f"this network (n = {config.n}, r = {config.rank}): compute r = {config.rank} "
+                "eigenpairs of the same operator"
+            )
+        if not (np.all(np.isfinite(lam)) and np.all(lam > 0)):
+            raise ValueError("initial eigenvalues must be positive and finite")
+        ny, nx = config.grid_shape
+        r = config.rank
+        # Columns are scaled to entries of order one, like the head's outputs.
+        scale = np.sqrt(config.n)
+        pixels = np.zeros((r, 3 * ny * nx))
+        pixels[:, self.pixel_of_natural.cpu().numpy()] = scale * U.T  # (r, 3*ny*nx)
+        base = pixels.reshape(r, 3, ny * nx).transpose(1, 0, 2).reshape(1, 3 * r, ny, nx)
+        fraction = np.clip(lam / config.sigmoid_scale, 1e-6, 1.0 - 1e-6)
+        logits = np.log(fraction / (1.0 - fraction))  # S_M⁻¹(lam)
+        with torch.no_grad():
+            self.base.copy_(torch.as_tensor(base, dtype=self.base.dtype))
+            last = self.vector_head[-1]
+            last.weight.zero_()
+            last.bias.zero_()
+            self.eigen_head[-1].weight.zero_()
+            self.eigen_head[-1].bias.copy_(torch.as_tensor(logits, dtype=self.eigen_head[-1].bias.dtype))
+
     def _padded_shape(self):
         ny, nx = self.config.grid_shape
         multiple = 2 ** self.config.depth

@@ -165,6 +165,7 @@ class Study:
             training = TrainConfig(
                 epochs=config.epochs, batch_size=config.batch_size, lr=config.lr,
                 seed=config.seed, device=config.device,
+                init_eigenpairs=self.static_path(form) if config.warm_start else None,
             )
             network = prepare_network_config(
                 config.preset, tuple(self.model.grid_shape), config.train_rank, data, training,
@@ -189,7 +190,7 @@ class Study:
         operator = self.operator(form)
         operator.linearize(background)
         mat = operator.create_mat()
-        rank = max(self.config.ranks)
+        rank = max(max(self.config.ranks), self.config.train_rank if self.config.warm_start else 0)
         U, lam, lam_next, products = leading_eigenpairs(mat, rank, seed=self.config.seed)
         U_natural = self.layout.gather(U)
         if self.mpi.rank == 0:

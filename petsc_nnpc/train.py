@@ -96,6 +96,11 @@ class TrainConfig:
     sigmoid_scale : float or None
         ``M``; ``None`` estimates it from the training states with
         :func:`estimate_sigmoid_scale`.
+    init_eigenpairs : str or None
+        ``.npz`` file with ``U`` ``(n, r)`` in natural ordering and ``lam``
+        ``(r,)`` (as written by :func:`petsc_nnpc.pc.static.save_eigenpairs`)
+        that the untrained network starts from; ``None`` starts from random
+        weights. See :meth:`EigenpairNetwork.initialize_from_eigenpairs`.
     """
 
     epochs: int = 20
@@ -110,6 +115,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     sigmoid_scale: Optional[float] = None
+    init_eigenpairs: Optional[str] = None
 
     def __post_init__(self):
         if self.epochs < 1:
@@ -139,6 +145,24 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values):
         return cls(**values)
+
+
+def load_initial_eigenpairs(path, rank):
+    """Return the first ``rank`` pairs ``(U (n, rank), lam (rank,))`` stored in ``path``."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            U, lam = archive["U"], archive["lam"].reshape(-1)
+    except (OSError, KeyError, ValueError) as error:
+        raise ValueError(
+            f"cannot read initial eigenpairs from {path}: {error}; give an .npz file with "
+            "U (n, r) and lam (r,), e.g. from petsc_nnpc.pc.static.save_eigenpairs"
+        ) from None
+    if lam.size < rank:
+        raise ValueError(
+            f"{path} holds {lam.size} eigenpairs but the network predicts {rank}: "
+            f"compute at least {rank} eigenpairs"
+        )
+    return U[:, :rank], lam[:rank]
 
 
 class Subset:
@@ -405,6 +429,10 @@ class Trainer:
         states = train.states(np.arange(len(train)))
         mean, std = image.channel_statistics(states)
         network.set_normalisation(mean, std)
+        if self.config.init_eigenpairs is not None:
+            U, lam = load_initial_eigenpairs(self.config.init_eigenpairs, self.network_config.rank)
+            network.initialize_from_eigenpairs(U, lam)
+            log.info("network starts from the eigenpairs in %s", self.config.init_eigenpairs)
         self.network = network.to(self.device)
         decay, no_decay = [], []
         for name, parameter in network.named_parameters():

@@ -37,6 +37,10 @@ def add_arguments(parser):
     parser.add_argument("--depth", type=int, default=None, help="network downsampling levels")
     parser.add_argument("--head-channels", type=int, default=None,
                         help="hidden channels of the vector head (default: min(max(2 width, r), 1024))")
+    parser.add_argument("--init-eigenpairs", default=None, metavar="FILE",
+                        help="start from the eigenpairs in FILE (.npz with U (n, r) in natural "
+                             "ordering and lam (r,)), e.g. the exact leading eigenpairs at the "
+                             "background state; the network then learns their state dependence")
     online = parser.add_argument_group("online mode")
     online.add_argument("--form", choices=("paper", "bhalf"), default="paper",
                         help="operator form of the generated samples (default: paper)")
@@ -60,6 +64,7 @@ def run(args, petsc_args):
             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
             weight_decay=args.weight_decay, val_fraction=args.val_fraction, loss=args.loss,
             seed=args.seed, device=args.device, sigmoid_scale=args.sigmoid_scale,
+            init_eigenpairs=args.init_eigenpairs,
         )
         if args.online:
             if args.data is not None:
