@@ -209,7 +209,7 @@ def experiment_config(preset, **overrides):
 def preconditioner_specs(config, form, model_path, static_path):
     """Return ``[(label, options)]``: every preconditioner compared in ``form``.
 
-    ``options`` are PETSc option names without dash for the KSP's prefix.
+    ``options`` maps PETSc option names, without dash or prefix, to values.
     """
     base_mu = config.baseline_mu
     specs = [("none", {"pc_type": "none"})]
@@ -271,12 +271,12 @@ class StageRunner:
             saved = manifest.get("config", {}).get("preset")
             if saved != self.config.preset:
                 raise ExperimentError(
-                    f"{self.out_dir} holds a run of preset {saved!r}, not {self.config.preset!r}: "
+                    f"{self.out_dir} contains a run of preset {saved!r}, not {self.config.preset!r}: "
                     "choose another --out folder"
                 )
             if manifest.get("config") != self.config.to_dict() and not self.force:
                 raise ExperimentError(
-                    f"{self.out_dir} holds a run of preset {saved!r} with another configuration: "
+                    f"{self.out_dir} contains a run of preset {saved!r} with another configuration: "
                     "rerun with --force to redo it with the new settings, or choose another --out"
                 )
         if manifest is None or self.force:

@@ -91,7 +91,7 @@ def test_experiment_rejects_other_preset_folder(tiny_run):
     completed = run_nnpc("experiment", "--preset", "small", "--out", out, "--no-progress",
                          timeout=300)
     assert completed.returncode == 1
-    assert "holds a run of preset 'tiny', not 'small'" in completed.stderr
+    assert "contains a run of preset 'tiny', not 'small'" in completed.stderr
 
 
 def test_experiment_unknown_preset(tmp_path):

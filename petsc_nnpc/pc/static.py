@@ -3,7 +3,7 @@
 The eigenpairs do not follow the linearization state: the same ``(U, Λ)``
 precondition every system. With the exact leading eigenpairs of the
 Gauss-Newton matrix at the background state, this is the state-independent
-baseline that tells whether a state-dependent preconditioner pays.
+baseline that shows whether a state-dependent preconditioner pays.
 """
 
 import logging
@@ -76,7 +76,7 @@ def _read(path):
 class LMPFile(LMPBase):
     """Spectral LMP from eigenpairs read from a ``.npz`` file, fixed over states.
 
-    The file holds ``U`` ``(n, R)`` in natural ordering and ``lam`` ``(R,)``
+    The file contains ``U`` ``(n, R)`` in natural ordering and ``lam`` ``(R,)``
     in descending order (see :func:`save_eigenpairs`). Rank 0 reads it and
     each rank receives its own rows of the first ``r`` columns. Setup costs
     no operator product.
@@ -132,14 +132,14 @@ class LMPFile(LMPBase):
                     U_all, lam_all, lam_after = _read(path)
                 if U_all.ndim != 2 or U_all.shape[0] != layout.n or U_all.shape[1] != lam_all.size:
                     raise ValueError(
-                        f"{path} holds U of shape {U_all.shape} with {lam_all.size} eigenvalues, "
+                        f"{path} contains U of shape {U_all.shape} with {lam_all.size} eigenvalues, "
                         f"but the operator has n = {layout.n}: use a file made for this operator"
                     )
                 available = lam_all.size
                 wanted = available if rank is None else rank
                 if wanted < 1 or wanted > available:
                     raise ValueError(
-                        f"invalid -pc_lmpfile_rank {wanted}: {path} holds {available} "
+                        f"invalid -pc_lmpfile_rank {wanted}: {path} contains {available} "
                         f"eigenpairs; use a rank between 1 and {available}"
                     )
                 check_eigenvalues(path, lam_all[:wanted])
