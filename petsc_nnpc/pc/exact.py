@@ -21,6 +21,10 @@ EVENT_EIGENSOLVE = PETSc.Log.Event("LMPExactEigensolve")
 METHODS = ("auto", "dense", "lanczos", "slepc")
 
 
+#: Relative norm below which a new Lanczos direction counts as already spanned.
+BREAKDOWN_TOLERANCE = 1e-10
+
+
 class LMPExact(LMPBase):
     """Spectral LMP from the ``r`` leading eigenpairs of the operator (the oracle).
 
@@ -177,9 +181,17 @@ class LMPExact(LMPBase):
             # Extend the basis block by block, orthogonal to all earlier blocks.
             while V.shape[1] < ncv:
                 W = next_block[:, :min(block, ncv - V.shape[1])]
+                scale = np.sqrt(allreduce_sum(mpi, np.sum(W * W, axis=0)).max())
                 for _ in range(2):
                     W = W - V @ allreduce_sum(mpi, V.T @ W)
-                W, _ = orthonormalize(comm, W)
+                # Directions that the basis already spans leave only round-off
+                # after the projection; normalizing that noise would fill the
+                # basis with vectors unrelated to A (the Krylov space of
+                # I + low rank, as in the bhalf form, saturates this way).
+                norms = np.sqrt(allreduce_sum(mpi, np.sum(W * W, axis=0)))
+                W = W[:, norms > BREAKDOWN_TOLERANCE * scale]
+                if W.shape[1] > 0:
+                    W, _ = orthonormalize(comm, W)
                 if W.shape[1] == 0:
                     break
                 AW = products(W)
