@@ -316,8 +316,9 @@ class StageRunner:
         logger.info("stage %s: done in %.1f s", name, seconds)
 
     def seconds(self):
-        """Return ``{stage: seconds}`` of the finished stages."""
-        return {name: info["seconds"] for name, info in self.manifest["stages"].items()}
+        """Return ``{stage: seconds}`` of the finished stages, in the order they finished."""
+        stages = sorted(self.manifest["stages"].items(), key=lambda item: item[1]["finished"])
+        return {name: info["seconds"] for name, info in stages}
 
 
 def machine_description():
@@ -367,7 +368,10 @@ def run_evaluation(config, out_dir, models, force=False, progress=True, ksp_pref
             "(and --model-bhalf PATH when --forms includes bhalf)"
         )
     for form, path in models.items():
-        metadata = read_checkpoint_metadata(path)
+        try:
+            metadata = read_checkpoint_metadata(path)
+        except ValueError as error:
+            raise ExperimentError(f"cannot use the network given for the {form} form: {error}") from None
         saved_form = metadata.get("form")
         if saved_form not in (None, form):
             raise ExperimentError(

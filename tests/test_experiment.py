@@ -153,3 +153,23 @@ def test_config_rejects_bad_values(overrides, message):
 def test_config_round_trip():
     config = experiment_config("small")
     assert ExperimentConfig.from_dict(config.to_dict()) == config
+
+
+def test_evaluate_with_trained_network(tiny_run, tmp_path):
+    out, _ = tiny_run
+    completed = run_nnpc("evaluate", "--preset", "tiny", "--model", out / "model-paper" / "model",
+                         "--out", tmp_path / "eval", "--cycles", "1", "--no-progress")
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    records = json.loads((tmp_path / "eval" / "results.json").read_text())
+    labels = {r["preconditioner"] for r in records}
+    assert "nnpc r=8 mu=min" in labels
+    assert "none" in labels
+    assert {r["cycle"] for r in records} == {0}
+    assert not (tmp_path / "eval" / "data-paper").exists()
+
+
+def test_evaluate_missing_network(tmp_path):
+    completed = run_nnpc("evaluate", "--preset", "tiny", "--model", tmp_path / "nowhere",
+                         "--out", tmp_path / "eval", "--no-progress", timeout=120)
+    assert completed.returncode != 0
+    assert "checkpoint not found" in completed.stderr

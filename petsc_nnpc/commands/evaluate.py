@@ -1,16 +1,12 @@
 """``nnpc evaluate``: the cycled twin experiment over a set of preconditioners."""
 
-import logging
-
-from petsc_nnpc.commands.experiment import add_common_arguments, check_device, config_from_args
+from petsc_nnpc.commands.experiment import add_common_arguments, run_study
 
 NAME = "evaluate"
 HELP = (
     "solve every inner loop of a cycled twin experiment with each preconditioner "
     "(none, nnpc, lmpexact, lmpnystrom, lmpritz, static LMP) and write the report"
 )
-
-logger = logging.getLogger("petsc_nnpc.experiment")
 
 
 def add_arguments(parser):
@@ -24,21 +20,13 @@ def add_arguments(parser):
 
 
 def run(args, petsc_args):
-    from petsc_nnpc.experiment import ExperimentError, run_evaluation
+    from petsc_nnpc.experiment import run_evaluation
 
-    try:
-        config = config_from_args(args)
-    except ValueError as error:
-        raise SystemExit(f"nnpc: error: {error}") from None
-    check_device(config.device)
-    models = {config.forms[0]: args.model}
-    if args.model_bhalf is not None:
-        models["bhalf"] = args.model_bhalf
-    try:
-        report = run_evaluation(config, args.out, models, force=args.force,
-                                progress=not args.no_progress)
-    except ExperimentError as error:
-        logger.error("%s", error)
-        return 1
-    logger.info("report written to %s", report)
-    return 0
+    def evaluate(config):
+        models = {config.forms[0]: args.model}
+        if args.model_bhalf is not None:
+            models["bhalf"] = args.model_bhalf
+        return run_evaluation(config, args.out, models, force=args.force,
+                              progress=not args.no_progress)
+
+    return run_study(args, evaluate)

@@ -79,8 +79,12 @@ def check_device(device):
         )
 
 
-def run(args, petsc_args):
-    from petsc_nnpc.experiment import ExperimentError, run_experiment
+def run_study(args, function):
+    """Build the configuration from ``args``, run ``function(config)`` and log the report path.
+
+    Returns the exit status: 0, or 1 when a stage failed (its error is logged).
+    """
+    from petsc_nnpc.experiment import ExperimentError
 
     try:
         config = config_from_args(args)
@@ -88,10 +92,16 @@ def run(args, petsc_args):
         raise SystemExit(f"nnpc: error: {error}") from None
     check_device(config.device)
     try:
-        report = run_experiment(config, args.out, force=args.force,
-                                progress=not args.no_progress)
+        report = function(config)
     except ExperimentError as error:
         logger.error("%s", error)
         return 1
     logger.info("report written to %s", report)
     return 0
+
+
+def run(args, petsc_args):
+    from petsc_nnpc.experiment import run_experiment
+
+    return run_study(args, lambda config: run_experiment(
+        config, args.out, force=args.force, progress=not args.no_progress))
