@@ -93,7 +93,10 @@ class ExperimentConfig:
     seed : int
         Seed of every random draw.
     device : str
-        Torch device for training and inference.
+        Torch device for training and inference: ``cpu``, ``cuda``,
+        ``cuda:N``, or ``auto`` (the ``paper`` preset's default), which
+        :func:`experiment_config` resolves to ``cuda`` when torch sees a GPU
+        and to ``cpu`` otherwise.
     """
 
     preset: str
@@ -188,7 +191,7 @@ EXPERIMENT_PRESETS = {
         cycles=10, states=1000, k=100, shard_size=25, lead_min=12, lead_max=96,
         train_rank=2000, epochs=100, batch_size=8, ranks=(1000, 1900, 2000),
         mus=("min", "1"), ritz_pairs=200, limit_ranks=(50, 200, 500, 1000, 2000),
-        twin_max_steps=48, device="cuda",
+        twin_max_steps=48, device="auto",
     ),
 }
 
@@ -203,6 +206,13 @@ def experiment_config(preset, **overrides):
         )
     values = dict(EXPERIMENT_PRESETS[preset])
     values.update({key: value for key, value in overrides.items() if value is not None})
+    if values.get("device") == "auto":
+        import torch
+
+        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+        if values["device"] == "cpu":
+            logger.warning("no CUDA device found: the %s study trains its network on the CPU, "
+                           "which takes far longer than on a GPU", preset)
     return ExperimentConfig(preset=preset, **values)
 
 
