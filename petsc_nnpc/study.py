@@ -289,23 +289,11 @@ class Study:
 
     def first_system(self, form):
         """Return the twin experiment's first inner-loop system in ``form``."""
-        from petsc_nnpc.fourdvar import (
-            _natural_rng,
-            make_inner_loop_system,
-            observe_with_noise,
-            perturb,
-        )
+        from petsc_nnpc.fourdvar import first_twin_system
 
-        twin = self.twin_config()
         base, background = self.states()
-        operator = self.operator(form)
-        truth = perturb(operator, base, twin.perturbation, twin.seed, 0)
-        state = perturb(operator, base, twin.perturbation, twin.seed, 1)
-        steps = int(_natural_rng(twin.seed, 2, 0).integers(twin.min_steps, twin.max_steps + 1))
-        truth = self.model.advance(truth, steps)
-        y = observe_with_noise(operator, truth, twin.seed, 3, 0, noise=twin.observation_noise)
-        return make_inner_loop_system(self.model, self.da_config(form), state, y, background,
-                                      truth=truth)
+        return first_twin_system(self.model, self.da_config(form), self.twin_config(), base,
+                                 background)
 
     def analyse(self):
         """Write ``analysis.json`` and ``eigenvectors.npz`` from the first system."""
@@ -406,7 +394,7 @@ class Study:
 def _convert_rhs(source, target, b):
     """Return ``b`` of ``source``'s form as the right-hand side of ``target``'s form.
 
-    The paper form solves ``A δx = b``; the ``bhalf`` form solves
+    The ``paper`` form solves ``A δx = b``; the ``bhalf`` form solves
     ``(I + B^{1/2} Gᵀ R⁻¹ G B^{1/2}) v = B^{1/2} b``.
     """
     out = b.duplicate()
