@@ -173,3 +173,21 @@ def test_evaluate_missing_network(tmp_path):
                          "--out", tmp_path / "eval", "--no-progress", timeout=120)
     assert completed.returncode != 0
     assert "checkpoint not found" in completed.stderr
+
+
+@pytest.mark.mpi
+def test_experiment_tiny_two_ranks(tiny_run, tmp_path):
+    from conftest import run_mpi
+
+    out, _ = tiny_run
+    run_mpi("-m", 2, "petsc_nnpc.cli", "experiment", "--preset", "tiny", "--out",
+            tmp_path / "mpi", "--no-progress", timeout=900)
+    serial = json.loads((out / "results.json").read_text())
+    parallel = json.loads((tmp_path / "mpi" / "results.json").read_text())
+    keys = [(r["form"], r["preconditioner"], r["cycle"]) for r in serial]
+    assert keys == [(r["form"], r["preconditioner"], r["cycle"]) for r in parallel]
+    for one, two in zip(serial, parallel):
+        if one["form"] == "bhalf":
+            # A well-conditioned operator: round-off does not change the count.
+            assert one["iterations"] == two["iterations"]
+        assert two["converged_reason"] == "CONVERGED_RTOL"
