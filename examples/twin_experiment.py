@@ -90,7 +90,7 @@ def main():
 if __name__ == "__main__":
     try:
         status = main()
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
         PETSc.Sys.Print(f"error: {error}", comm=PETSc.COMM_WORLD)
         status = 2
     sys.exit(status)

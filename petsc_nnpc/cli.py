@@ -100,7 +100,8 @@ def main(argv=None):
     try:
         return int(args._module.run(args, petsc_args) or 0)
     except KeyboardInterrupt:
-        logging.getLogger("petsc_nnpc").error("interrupted; finished stages and shards are kept")
+        logging.getLogger("petsc_nnpc").error(
+            "interrupted; what was written before is kept, and the same command resumes from it")
         return 130
 
 

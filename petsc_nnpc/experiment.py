@@ -382,6 +382,15 @@ def run_evaluation(config, out_dir, models, force=False, progress=True, ksp_pref
             metadata = read_checkpoint_metadata(path)
         except ValueError as error:
             raise ExperimentError(f"cannot use the network given for the {form} form: {error}") from None
+        from shallow_water.config import get_config
+
+        expected_n = get_config(config.preset).n
+        if metadata.get("n") not in (None, expected_n):
+            raise ExperimentError(
+                f"the network {path} was trained for n = {metadata['n']} (preset "
+                f"{metadata.get('preset')!r}), but preset {config.preset!r} has n = {expected_n}: "
+                f"give a checkpoint trained on the {config.preset} preset"
+            )
         saved_form = metadata.get("form")
         if saved_form not in (None, form):
             raise ExperimentError(

@@ -582,8 +582,9 @@ def read_checkpoint_metadata(path):
             record = json.load(handle)
     except FileNotFoundError:
         raise CheckpointError(
-            f"checkpoint not found: {metadata_path} does not exist; give the folder "
-            "written by `nnpc train` (it holds checkpoint.json and weights.safetensors)"
+            f"checkpoint not found: {metadata_path} does not exist; give the checkpoint "
+            "folder, the 'model' subfolder of the output of `nnpc train` (it contains "
+            "checkpoint.json and weights.safetensors)"
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"checkpoint metadata {metadata_path} is corrupt: {error}") from None

@@ -221,8 +221,9 @@ def plot_limit(limit, learned_points, path):
     colors = {"paper": "tab:blue", "bhalf": "tab:green"}
     for form, curve in limit.items():
         color = colors.get(form)
+        mu = f", mu={curve['mu']}" if "mu" in curve else ""
         axis.plot(curve["rank"], curve["iterations"], "-o", color=color, ms=4,
-                  label=f"lmpexact, {form}")
+                  label=f"exact eigenpairs{mu}, {form}")
         if curve.get("none") is not None:
             axis.axhline(curve["none"], linestyle=":", color=color, label=f"none, {form}")
     for point in learned_points:

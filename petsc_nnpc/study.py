@@ -314,12 +314,12 @@ class Study:
             none = solve_inner_loop(system, prefix=f"{self.ksp_prefix}an{form}none_",
                                     options={"pc_type": "none"})[1]
             curve = {"rank": [], "iterations": [], "none": none.iterations,
-                     "eigensolver_products": products}
+                     "mu": config.baseline_mu, "eigensolver_products": products}
             for r in config.limit_ranks:
                 record = solve_inner_loop(
                     system, prefix=f"{self.ksp_prefix}an{form}{r}_",
                     options={"pc_type": "lmpfile", "pc_lmpfile_path": exact_path,
-                             "pc_lmpfile_rank": r})[1]
+                             "pc_lmpfile_rank": r, "pc_lmpfile_mu": config.baseline_mu})[1]
                 curve["rank"].append(r)
                 curve["iterations"].append(record.iterations)
             analysis["limit"][form] = curve
@@ -381,7 +381,9 @@ class Study:
             "preset": self.config.preset,
             "grid_shape": tuple(self.model.grid_shape),
             "n": self.model.n,
-            "forms compared": ", ".join(self.compared_forms()),
+            "forms": ", ".join(
+                f"{form} ({'every preconditioner' if form in self.config.forms else 'none only, as a reference'})"
+                for form in self.compared_forms()),
             "cycles": self.config.cycles,
             "training states": self.config.states,
             "network rank": self.config.train_rank,

@@ -173,6 +173,7 @@ def test_evaluate_missing_network(tmp_path):
                          "--out", tmp_path / "eval", "--no-progress", timeout=120)
     assert completed.returncode != 0
     assert "checkpoint not found" in completed.stderr
+    assert "the 'model' subfolder" in completed.stderr
 
 
 @pytest.mark.mpi
@@ -191,3 +192,12 @@ def test_experiment_tiny_two_ranks(tiny_run, tmp_path):
             # A well-conditioned operator: round-off does not change the count.
             assert one["iterations"] == two["iterations"]
         assert two["converged_reason"] == "CONVERGED_RTOL"
+
+
+def test_evaluate_rejects_network_of_other_preset(tiny_run, tmp_path):
+    out, _ = tiny_run
+    completed = run_nnpc("evaluate", "--preset", "small", "--model", out / "model-paper" / "model",
+                         "--out", tmp_path / "eval", "--ranks", "8", "--no-progress", timeout=120)
+    assert completed.returncode == 1
+    assert "trained for n = 280 (preset 'tiny'), but preset 'small' has n = 3008" in completed.stderr
+    assert not (tmp_path / "eval").exists()

@@ -52,6 +52,11 @@ def test_spinup_writes_state_figure_and_background(tmp_path):
     assert not (tmp_path / "tiny.partial.npz").exists()
 
 
-def test_spinup_unknown_preset_lists_valid():
-    with pytest.raises(ValueError, match="valid presets are tiny, small, paper"):
-        main(["spinup", "--preset", "medium", "--out", "x.npz"])
+@pytest.mark.parametrize("command", [["spinup", "--out", "x.npz"], ["check-model"]])
+def test_unknown_preset_lists_valid(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(command + ["--preset", "medium"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "invalid choice: 'medium'" in error
+    assert "'tiny', 'small', 'paper'" in error

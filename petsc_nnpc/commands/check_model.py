@@ -15,7 +15,10 @@ TAYLOR_MIN_RATE = 1.9
 
 
 def add_arguments(parser):
-    parser.add_argument("--preset", default="small", help="model preset: tiny, small or paper (default: small)")
+    from shallow_water.config import preset_names
+
+    parser.add_argument("--preset", default="small", choices=preset_names(),
+                        help="model preset: tiny, small or paper (default: small)")
     parser.add_argument(
         "--state", default=None,
         help="state file to linearize at (default: the preset's shipped spun-up state)",

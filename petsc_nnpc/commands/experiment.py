@@ -24,7 +24,7 @@ def add_common_arguments(parser):
     parser.add_argument("--ranks", default=None,
                         help="comma-separated ranks r of the compared LMPs")
     parser.add_argument("--mus", default=None,
-                        help="comma-separated values of -pc_nnpc_mu (numbers, min, max)")
+                        help="comma-separated values of -pc_nnpc_mu (numbers, min, max, spectral)")
     parser.add_argument("--seed", type=int, default=None, help="seed of every random draw")
     parser.add_argument("--device", default=None,
                         help="torch device for training and inference: cpu, cuda or cuda:N")

@@ -10,7 +10,10 @@ log = logging.getLogger("petsc_nnpc.commands.spinup")
 
 
 def add_arguments(parser):
-    parser.add_argument("--preset", default="small", help="model preset: tiny, small or paper (default: small)")
+    from shallow_water.config import preset_names
+
+    parser.add_argument("--preset", default="small", choices=preset_names(),
+                        help="model preset: tiny, small or paper (default: small)")
     parser.add_argument("--out", required=True, help="output state file (.npz)")
     parser.add_argument(
         "--days", type=float, default=None,
