@@ -19,22 +19,11 @@ from petsc_nnpc.fourdvar import (
     perturb,
     solve_inner_loop,
 )
-from petsc_nnpc.operator import (
-    BackgroundErrorConfig,
-    DAConfig,
-    GaussNewtonOperator,
-    ObservationConfig,
-)
+from petsc_nnpc.operator import GaussNewtonOperator
 from petsc_nnpc.utils import init_petsc
-from toy_model import ToyModel
+from toy_model import TOY_CONFIG, ToyModel
 
 PETSc = init_petsc()
-
-TOY_CONFIG = DAConfig(
-    observations=ObservationConfig(variable="a", stride=2, sigma_o=0.5),
-    background_error=BackgroundErrorConfig({"a": 1.0, "b": 0.5}),
-)
-
 
 @pytest.fixture(scope="module")
 def model():

@@ -6,14 +6,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from petsc4py import PETSc
 
 import petsc_nnpc  # noqa: F401  (registers the PC types)
 from lmp_helpers import clear_options, make_ksp, solve, true_relative_residual
-
-torch = pytest.importorskip("torch")
-network = pytest.importorskip("petsc_nnpc.network")
-fourdvar = pytest.importorskip("petsc_nnpc.fourdvar")
+from petsc_nnpc import fourdvar, network
 
 RANK = 8
 

@@ -21,9 +21,16 @@ import types
 
 import numpy as np
 
+from petsc_nnpc.operator import BackgroundErrorConfig, DAConfig, ObservationConfig
 from petsc_nnpc.utils import init_petsc
 
 PETSc = init_petsc()
+
+#: Observations of every second ``a`` and diagonal B used by the operator tests.
+TOY_CONFIG = DAConfig(
+    observations=ObservationConfig(variable="a", stride=2, sigma_o=0.5),
+    background_error=BackgroundErrorConfig({"a": 1.0, "b": 0.5}),
+)
 
 
 class ToyTrajectory:
