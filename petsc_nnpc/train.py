@@ -159,7 +159,7 @@ def load_initial_eigenpairs(path, rank):
         ) from None
     if lam.size < rank:
         raise ValueError(
-            f"{path} holds {lam.size} eigenpairs but the network predicts {rank}: "
+            f"{path} contains {lam.size} eigenpairs but the network predicts {rank}: "
             f"compute at least {rank} eigenpairs"
         )
     return U[:, :rank], lam[:rank]

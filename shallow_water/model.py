@@ -15,9 +15,9 @@ _EVENTS = {}
 
 
 # Largest number of directions a batched TL or adjoint run processes at once.
-# Measured on the paper grid (2-core AMD EPYC, NumPy 1.26): per direction, a
-# batch of 96 cost 1.13 times one direction, and chunks of 16 cost 0.85 times,
-# because the work arrays of a larger chunk no longer fit in the cache.
+# On the paper grid (2-core AMD EPYC, NumPy 1.26, timing TL + adjoint of 96
+# directions) a single batch cost 1.13 times one direction per direction and
+# chunks of 16 cost 0.85 times. Larger chunks overflow the cache.
 BATCH_CHUNK = 16
 
 def _event(name):

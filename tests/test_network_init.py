@@ -56,7 +56,7 @@ def test_warm_start_rejects_wrong_shapes(rng):
 def test_initial_eigenpairs_file_needs_enough_pairs(tmp_path, rng):
     path = tmp_path / "pairs.npz"
     np.savez(path, U=rng.standard_normal((20, 3)), lam=np.ones(3))
-    with pytest.raises(ValueError, match="holds 3 eigenpairs but the network predicts 4"):
+    with pytest.raises(ValueError, match="contains 3 eigenpairs but the network predicts 4"):
         load_initial_eigenpairs(str(path), 4)
     U, lam = load_initial_eigenpairs(str(path), 2)
     assert U.shape == (20, 2)

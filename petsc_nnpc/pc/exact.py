@@ -185,9 +185,9 @@ class LMPExact(LMPBase):
                 for _ in range(2):
                     W = W - V @ allreduce_sum(mpi, V.T @ W)
                 # Directions that the basis already spans leave only round-off
-                # after the projection; normalizing that noise would fill the
-                # basis with vectors unrelated to A (the Krylov space of
-                # I + low rank, as in the bhalf form, saturates this way).
+                # after the projection. Normalizing that noise would fill the
+                # basis with vectors unrelated to A. The Krylov space of the
+                # identity plus a low-rank term (the bhalf form) saturates so.
                 norms = np.sqrt(allreduce_sum(mpi, np.sum(W * W, axis=0)))
                 W = W[:, norms > BREAKDOWN_TOLERANCE * scale]
                 if W.shape[1] > 0:
