@@ -6,15 +6,15 @@
 #     apt-get is available and we are root; otherwise pip builds PETSc and
 #     petsc4py from source (about 25 minutes on 2 cores; needs MPI compilers
 #     and BLAS/LAPACK, see README.md).
-#   * a virtual environment .venv/ with numpy, torch (CPU), tqdm, matplotlib,
-#     safetensors and pytest;
+#   * a virtual environment .venv/ with numpy, numba (the compiled model
+#     kernels), torch (CPU), tqdm, matplotlib, safetensors and pytest;
 #   * this package in editable mode.
 # Usage: bash scripts/setup_env.sh   (safe to run again; it is quick then)
 set -euo pipefail
 
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 venv="$root/.venv"
-python_packages=("numpy<2" "torch==2.13.0" tqdm matplotlib safetensors pytest)
+python_packages=("numpy<2" numba "torch==2.13.0" tqdm matplotlib safetensors pytest)
 
 say() { printf '[setup] %s\n' "$*"; }
 
@@ -67,7 +67,7 @@ venv_has() {
 }
 
 install_python_packages() {
-    if venv_has torch && venv_has tqdm && venv_has matplotlib && venv_has safetensors \
+    if venv_has torch && venv_has numba && venv_has tqdm && venv_has matplotlib && venv_has safetensors \
             && venv_has pytest && "$venv/bin/python" -c 'import numpy, sys; sys.exit(int(numpy.__version__.split(".")[0]) >= 2)'; then
         say "Python packages already installed"
     else

@@ -9,16 +9,46 @@ from petsc_nnpc.layout import NaturalLayout
 from shallow_water import kernels
 from shallow_water.config import ModelConfig
 
+try:
+    from shallow_water import fused
+except ImportError as error:  # Numba missing or too old for this Python or NumPy.
+    fused = None
+    _FUSED_ERROR = error
+
 log = logging.getLogger("shallow_water.model")
 
 _EVENTS = {}
 
+BACKENDS = ("numba", "numpy")
 
 # Largest number of directions a batched TL or adjoint run processes at once.
-# On the paper grid (2-core AMD EPYC, NumPy 1.26, timing TL + adjoint of 96
-# directions) a single batch cost 1.13 times one direction per direction and
-# chunks of 16 cost 0.85 times. Larger chunks overflow the cache.
+# On the paper grid (2-core AMD EPYC, TL + adjoint of 100 directions), per
+# direction: NumPy kernels 1.13 x one direction in one batch of 96 and
+# 0.85 x in chunks of 16; Numba kernels 0.81, 0.75, 0.70, 0.68 and 0.92 x
+# in chunks of 2, 4, 8, 16 and 32. Larger chunks overflow the cache.
 BATCH_CHUNK = 16
+
+
+def default_backend():
+    """Return the kernel backend used when none is chosen: ``numba`` when it imports, else ``numpy``."""
+    return "numpy" if fused is None else "numba"
+
+
+def _resolve_backend(backend):
+    if backend is None:
+        options = PETSc.Options()
+        backend = options.getString("sw_backend") if options.hasName("sw_backend") else default_backend()
+    if backend not in BACKENDS:
+        raise ValueError(
+            f"unknown shallow-water backend {backend!r}: use one of {', '.join(BACKENDS)} "
+            "(option -sw_backend)"
+        )
+    if backend == "numba" and fused is None:
+        raise ImportError(
+            f"the numba backend needs Numba, which failed to import ({_FUSED_ERROR}): "
+            "install it (pip install numba) or run with -sw_backend numpy"
+        )
+    return backend
 
 def _event(name):
     if name not in _EVENTS:
@@ -80,11 +110,34 @@ class _Exchange:
         self.owned_shape = (model.patch.ym, model.patch.xm, 3, k)
         self.padded_shape = model.patch.shape + (3, k)
         self.outside = model._outside_slices
+        self._work = None
+
+    def work(self):
+        """Scratch space of the fused kernels for this k, ``(forward and TL, adjoint)``, made once."""
+        if self._work is None:
+            Y, X = self.padded_shape[:2]
+            self._work = fused.workspace(Y, X, self.k)
+        return self._work
+
+    def owned_array(self):
+        """Return the global Vec's array as owned values ``(ym, xm, 3, k)`` (a view)."""
+        return self.gvec.getArray().reshape(self.owned_shape)
+
+    def local_array(self):
+        """Return the local Vec's array as the padded patch ``(Y, X, 3, k)`` (a view)."""
+        return self.lvec.getArray().reshape(self.padded_shape)
+
+    def exchange(self):
+        """Fill the halo of the local Vec from the global Vec."""
+        self.dm.globalToLocal(self.gvec, self.lvec, addv=PETSc.InsertMode.INSERT_VALUES)
+
+    def sum_halo(self):
+        """Add the local Vec, halo included, into the global Vec (the adjoint of :meth:`exchange`)."""
+        self.dm.localToGlobal(self.lvec, self.gvec, addv=PETSc.InsertMode.ADD_VALUES)
 
     def fill(self, owned):
-        """Copy owned values ``(3, ym, xm, k)`` into the padded local array and fill its halo."""
-        garr = self.gvec.getArray().reshape(self.owned_shape)
-        garr[...] = owned.transpose(1, 2, 0, 3)
+        """Copy owned values ``(ym, xm, 3, k)`` into the padded local array and fill its halo."""
+        self.owned_array()[...] = owned
         self.dm.globalToLocal(self.gvec, self.lvec, addv=PETSc.InsertMode.INSERT_VALUES)
         # The scatter leaves halo cells outside the basin as they were, and
         # an adjoint run writes into them, so they are reset here.
@@ -105,7 +158,7 @@ class _Exchange:
             larr[:, :, var, start:stop] = field.reshape(self.padded_shape[:2] + (stop - start,))
 
     def sum_adjoint(self):
-        """Return owned values ``(3, ym, xm, k)``: the local array summed onto its owners.
+        """Return owned values ``(ym, xm, 3, k)``: the local array summed onto its owners.
 
         The adjoint of :meth:`fill`: a local-to-global scatter with
         ADD_VALUES into a zeroed global Vec. Halo cells outside the basin
@@ -116,8 +169,7 @@ class _Exchange:
             larr[index] = 0.0
         self.gvec.set(0.0)
         self.dm.localToGlobal(self.lvec, self.gvec, addv=PETSc.InsertMode.ADD_VALUES)
-        garr = self.gvec.getArray(readonly=True).reshape(self.owned_shape)
-        return np.ascontiguousarray(garr.transpose(2, 0, 1, 3))
+        return np.array(self.gvec.getArray(readonly=True).reshape(self.owned_shape))
 
 
 class ShallowWaterModel:
@@ -159,15 +211,24 @@ class ShallowWaterModel:
     the exchanges and the Python overhead. :meth:`linearize` stores eight
     padded fields per stage, 32 per step.
 
+    Kernels: ``numba`` (the default when Numba imports) runs the fused
+    compiled loops of :mod:`shallow_water.fused`, one call per RK4 stage;
+    ``numpy`` runs the vectorised reference kernels of
+    :mod:`shallow_water.kernels`. Both compute the same discrete model and
+    agree to round-off.
+
     Parameters
     ----------
     config : ModelConfig
         Grid, physics and time step.
     comm : PETSc.Comm, optional
         Communicator of the DMDA and of every Vec (``PETSc.COMM_WORLD``).
+    backend : {"numba", "numpy"}, optional
+        Kernel backend; default the option ``-sw_backend``, else
+        :func:`default_backend`.
     """
 
-    def __init__(self, config, comm=None):
+    def __init__(self, config, comm=None, backend=None):
         if not isinstance(config, ModelConfig):
             raise TypeError(
                 f"config must be a ModelConfig, got {type(config).__name__}: "
@@ -175,6 +236,7 @@ class ShallowWaterModel:
             )
         self.config = config
         self.comm = PETSc.COMM_WORLD if comm is None else comm
+        self.backend = _resolve_backend(backend)
 
         nx, ny = config.nx, config.ny
         self.n = config.n
@@ -199,14 +261,21 @@ class ShallowWaterModel:
         (xs, xe), (ys, ye) = self.da.getRanges()
         self.patch = kernels.Patch(config, xs, ys, xe - xs, ye - ys)
         self._outside_slices = self._outside(xs, xe, ys, ye)
+        if self.backend == "numba":
+            self._geo = fused.geometry(self.patch)
+            self._prm = fused.parameters(config)
+            self._outside_flags = np.array(
+                [xs == 0, xe == config.nx, ys == 0, ye == config.ny], dtype=np.int64
+            )
         self._build_compact_index()
         self.local_size = self._keep.size
         self.layout = NaturalLayout(self.comm, self._natural, self.n)
         self._exchanges = {}
         log.debug(
-            "shallow-water model %s: %d x %d cells, n = %d, %d ranks as %s, dt = %g s, %d steps per window",
+            "shallow-water model %s: %d x %d cells, n = %d, %d ranks as %s, dt = %g s, "
+            "%d steps per window, %s kernels",
             config.preset, nx, ny, self.n, self.comm.getSize(), "x".join(map(str, self.da.getProcSizes())),
-            config.dt, config.window_steps,
+            config.dt, config.window_steps, self.backend,
         )
 
     # Layouts.
@@ -242,7 +311,7 @@ class ShallowWaterModel:
         flat_keep = keep.reshape(-1)
         self._keep = np.flatnonzero(flat_keep)  # (local_size,)
         self._natural = natural.reshape(-1)[flat_keep].astype(np.int64)
-        self._wall_mask = keep.transpose(2, 0, 1).astype(np.float64)[..., None]  # (3, ym, xm, 1)
+        self._wall_mask = keep.astype(np.float64)[..., None]  # (ym, xm, 3, 1)
 
     def natural_indices(self):
         """Return the natural index of each locally owned compact entry, shape (local_size,)."""
@@ -271,17 +340,17 @@ class ShallowWaterModel:
         return vec
 
     def _to_owned(self, compact):
-        """Compact ``(local_size, k)`` → owned fields ``(3, ym, xm, k)``, walls zero."""
+        """Compact ``(local_size, k)`` → owned fields ``(ym, xm, 3, k)`` (DMDA order), walls zero."""
         k = compact.shape[1]
         p = self.patch
         full = np.zeros((p.ym * p.xm * 3, k))
         full[self._keep] = compact
-        return np.ascontiguousarray(full.reshape(p.ym, p.xm, 3, k).transpose(2, 0, 1, 3))
+        return full.reshape(p.ym, p.xm, 3, k)
 
     def _to_compact(self, owned):
-        """Owned fields ``(3, ym, xm, k)`` → compact ``(local_size, k)``."""
+        """Owned fields ``(ym, xm, 3, k)`` → compact ``(local_size, k)``."""
         k = owned.shape[-1]
-        return np.ascontiguousarray(owned.transpose(1, 2, 0, 3).reshape(-1, k)[self._keep])
+        return np.ascontiguousarray(owned.reshape(-1, k)[self._keep])
 
     def _vec_to_owned(self, x):
         local = x.getArray(readonly=True)
@@ -334,9 +403,9 @@ class ShallowWaterModel:
 
     # Tendencies on owned fields.
     def _interior(self, fields):
-        """Owned interior ``(3, ym, xm, k)`` of three padded flat fields ``(Y·X, k)``."""
+        """Owned interior ``(ym, xm, 3, k)`` of three padded flat fields ``(Y·X, k)``."""
         shape = self.patch.shape + (fields[0].shape[-1],)
-        return np.stack([field.reshape(shape)[1:-1, 1:-1] for field in fields])
+        return np.stack([field.reshape(shape)[1:-1, 1:-1] for field in fields], axis=2)
 
     def _rhs(self, owned, keep=False):
         exchange = self._exchange(owned.shape[-1])
@@ -360,7 +429,7 @@ class ShallowWaterModel:
         padded = []
         for var in range(3):
             field = np.zeros(shape)
-            field[1:-1, 1:-1] = owned_bar[var]
+            field[1:-1, 1:-1] = owned_bar[:, :, var]
             padded.append(field.reshape(-1, k))
         exchange.write(kernels.tendency_adjoint(self.patch, lin, *padded), 0, k)
         result = exchange.sum_adjoint()
@@ -430,8 +499,11 @@ class ShallowWaterModel:
             raise ValueError(f"steps = {steps!r} is invalid: use a non-negative integer")
         with _event("SWForward"):
             owned = self._vec_to_owned(x)
-            for _ in range(int(steps)):
-                owned = self._step(owned)
+            if self.backend == "numba":
+                owned = self._fused_forward(owned, int(steps))
+            else:
+                for _ in range(int(steps)):
+                    owned = self._step(owned)
         return self._owned_to_vec(owned)
 
     def forward(self, x):
@@ -447,8 +519,11 @@ class ShallowWaterModel:
         stages = []
         with _event("SWLinearize"):
             owned = self._vec_to_owned(x)
-            for _ in range(self.config.window_steps):
-                owned = self._step(owned, stages)
+            if self.backend == "numba":
+                owned = self._fused_forward(owned, self.config.window_steps, stages)
+            else:
+                for _ in range(self.config.window_steps):
+                    owned = self._step(owned, stages)
         initial = x.copy()
         return Trajectory(initial, self._owned_to_vec(owned), stages)
 
@@ -472,6 +547,8 @@ class ShallowWaterModel:
 
     def _tl_block(self, traj, dx):
         owned = self._to_owned(dx)
+        if self.backend == "numba":
+            return self._to_compact(self._fused_tl(traj, owned))
         for lins in traj.stages:
             owned = self._step_tl(lins, owned)
         return self._to_compact(owned)
@@ -511,6 +588,86 @@ class ShallowWaterModel:
 
     def _adjoint_block(self, traj, dy):
         owned = self._to_owned(dy)
+        if self.backend == "numba":
+            return self._to_compact(self._fused_adjoint(traj, owned))
         for lins in reversed(traj.stages):
             owned = self._step_adjoint(lins, owned)
         return self._to_compact(owned)
+
+    # Fused kernels: one compiled call and one halo exchange per RK4 stage.
+    def _rk4_stages(self):
+        """``(w, β, c, last)`` of the four stages: ``acc ← β acc + w T``, next input ``x + c T``."""
+        dt = self.config.dt
+        return (
+            (dt / 6.0, 0.0, 0.5 * dt, False),
+            (dt / 3.0, 1.0, 0.5 * dt, False),
+            (dt / 3.0, 1.0, dt, False),
+            (dt / 6.0, 1.0, 0.0, True),
+        )
+
+    def _fused_forward(self, owned, steps, stages=None):
+        k = owned.shape[-1]
+        if stages is not None and k != 1:
+            raise ValueError(f"a linearization stores one trajectory, got k = {k} states")
+        exchange = self._exchange(k)
+        x = np.ascontiguousarray(owned)
+        acc = np.zeros_like(x)
+        xout = np.empty_like(x)
+        exchange.owned_array()[...] = x
+        work = exchange.work()[0]
+        no_lin = np.empty((0, 0, 0))
+        coefficients = self._rk4_stages()
+        for _ in range(steps):
+            lins = []
+            for w, beta, cn, last in coefficients:
+                lin = np.zeros((8,) + self.patch.shape) if stages is not None else no_lin
+                exchange.exchange()
+                fused.forward_stage(
+                    exchange.local_array(), self._geo, self._prm,
+                    x, acc, exchange.owned_array(), xout, w, beta, cn, last, lin, work,
+                )
+                lins.append(lin)
+            if stages is not None:
+                stages.append(lins)
+            x, xout = xout, x
+        return x
+
+    def _fused_tl(self, traj, owned):
+        exchange = self._exchange(owned.shape[-1])
+        x = np.ascontiguousarray(owned)
+        acc = np.zeros_like(x)
+        xout = np.empty_like(x)
+        exchange.owned_array()[...] = x
+        work = exchange.work()[0]
+        coefficients = self._rk4_stages()
+        for lins in traj.stages:
+            for lin, (w, beta, cn, last) in zip(lins, coefficients):
+                exchange.exchange()
+                fused.tl_stage(
+                    exchange.local_array(), lin, self._geo, self._prm,
+                    x, acc, exchange.owned_array(), xout, w, beta, cn, last, work,
+                )
+            x, xout = xout, x
+        return x
+
+    def _fused_adjoint(self, traj, owned):
+        """Reverse RK4 steps: ``x̄ = ȳ + a₄ + a₃ + a₂ + a₁`` with ``aᵢ`` the adjoint stage results."""
+        dt = self.config.dt
+        exchange = self._exchange(owned.shape[-1])
+        y = np.ascontiguousarray(owned)
+        xbar = y.copy()
+        exchange.gvec.set(0.0)
+        work = exchange.work()[1]
+        # (stage, α, β): the input of stage i is α ȳ + β a_{i+1}.
+        order = ((3, dt / 6.0, 0.0), (2, dt / 3.0, dt), (1, dt / 3.0, 0.5 * dt), (0, dt / 6.0, 0.5 * dt))
+        for lins in reversed(traj.stages):
+            for stage, alpha, beta in order:
+                fused.adjoint_stage(
+                    lins[stage], self._geo, self._prm, self._outside_flags,
+                    y, exchange.owned_array(), xbar, alpha, beta, exchange.local_array(), work,
+                )
+                exchange.sum_halo()
+            fused.add_masked(xbar, exchange.owned_array(), self._geo)
+            y, xbar = xbar, y
+            xbar[...] = y
+        return y

@@ -26,9 +26,16 @@ def solve_iterations(nprocs, *options):
 
 @pytest.mark.mpi
 def test_solve_example_rank_independent():
+    # In the B^1/2 form (condition number near 200) the counts agree exactly.
+    one, _ = solve_iterations(1, "-form", "bhalf")
+    two, _ = solve_iterations(2, "-form", "bhalf")
+    assert one == two
+    # On A_x itself the order of the allreduce sums changes the round-off,
+    # which CG amplifies once the residual has fallen by about 1e-3: the
+    # counts may differ by a few iterations (README, known limits).
     one, output = solve_iterations(1)
     two, _ = solve_iterations(2)
-    assert one == two
+    assert abs(one - two) <= max(2, 0.03 * one)
     assert 10 < one < 2000
     assert "n = 280" in output
 
