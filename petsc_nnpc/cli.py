@@ -7,6 +7,7 @@ that start with a single dash are handed to PETSc's options database, so
 """
 
 import argparse
+import difflib
 import importlib
 import logging
 import sys
@@ -43,18 +44,29 @@ def split_petsc_arguments(argv, parser):
     value that does not itself start with a dash (``-ksp_rtol 1e-7``).
     """
     known, unknown = parser.parse_known_args(argv)
+    # Report a wrong argument with the usage of the subcommand it was given to.
+    owner = getattr(parser, "subcommand_parsers", {}).get(getattr(known, "command", None), parser)
     petsc_args = []
     index = 0
     while index < len(unknown):
         item = unknown[index]
         if not (item.startswith("-") and not item.startswith("--") and len(item) > 1):
-            parser.error(f"unrecognized argument: {item}")
+            owner.error(f"unrecognized argument: {item}{_suggestion(owner, item)}")
         petsc_args.append(item)
         if index + 1 < len(unknown) and not _is_option(unknown[index + 1]):
             petsc_args.append(unknown[index + 1])
             index += 1
         index += 1
     return known, petsc_args
+
+
+def _suggestion(parser, item):
+    """Return " (did you mean --x?)" for the option of ``parser`` closest to ``item``, or ""."""
+    name = item.split("=", 1)[0]
+    choices = [option for action in parser._actions for option in action.option_strings
+               if option.startswith("--")]
+    close = difflib.get_close_matches(name, choices, n=1, cutoff=0.75)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _is_option(token):
@@ -77,10 +89,12 @@ def build_parser(commands):
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.subcommand_parsers = {}
     for module in commands:
         sub = subparsers.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
         sub.set_defaults(_module=module)
+        parser.subcommand_parsers[module.NAME] = sub
     return parser
 
 

@@ -149,3 +149,38 @@ def test_inspect_command_reads_state_file(capsys):
 def test_inspect_command_unknown_path(tmp_path):
     message = nnpc_in_process("inspect", tmp_path / "missing")
     assert "missing not found" in message
+
+
+def test_inspect_command_reads_eigenpair_and_other_archives(tmp_path, capsys):
+    import numpy as np
+
+    from petsc_nnpc.pc.static import save_eigenpairs
+    from petsc_nnpc.utils import atomic_save_npz
+    from shallow_water.state import load_background_state
+
+    rng = np.random.default_rng(11)
+    U, _ = np.linalg.qr(rng.standard_normal((280, 5)))
+    save_eigenpairs(tmp_path / "static.npz", U, np.array([50.0, 40.0, 30.0, 20.0, 10.0]),
+                    lam_next=5.0, form="paper")
+    assert nnpc_in_process("inspect", "--json", tmp_path / "static.npz") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kind"] == "eigenpair file"
+    assert (record["n"], record["rank"], record["preset"]) == (280, 5, "tiny")
+    assert (record["lam_max"], record["lam_min"], record["lam_next"]) == (50.0, 10.0, 5.0)
+    assert record["form"] == "paper"
+
+    background = load_background_state("tiny")
+    atomic_save_npz(tmp_path / "states.npz", background=background, steps=np.arange(3))
+    assert nnpc_in_process("inspect", "--json", tmp_path / "states.npz") == 0
+    record = json.loads(capsys.readouterr().out)
+    assert record["kind"] == "npz archive"
+    assert record["background"]["preset"] == "tiny"
+    assert record["background"]["eta"]["max"] == pytest.approx(float(background[:100].max()))
+    assert record["steps"] == {"shape": [3], "dtype": "int64"}
+
+
+def test_inspect_command_corrupt_archive(tmp_path):
+    path = tmp_path / "broken.npz"
+    path.write_bytes(b"not a zip file")
+    message = nnpc_in_process("inspect", path)
+    assert "broken.npz is truncated or corrupt" in message

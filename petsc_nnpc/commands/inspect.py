@@ -7,14 +7,19 @@ import os
 NAME = "inspect"
 HELP = (
     "print what a file or folder contains: a network checkpoint (sizes, parameters, "
-    "memory), a training run (metrics), a data folder (shards, samples) or a state file"
+    "memory), a training run (metrics), a data folder (shards, samples), a state file, "
+    "an eigenpair file (U, lam) or any other .npz archive"
 )
 
 log = logging.getLogger("petsc_nnpc.commands.inspect")
 
 
 def add_arguments(parser):
-    parser.add_argument("path", help="checkpoint folder, training output folder, data folder, shard or state file")
+    parser.add_argument(
+        "path",
+        help="checkpoint folder, training output folder, data folder, shard, state file, "
+        "eigenpair file or other .npz archive",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
@@ -43,8 +48,8 @@ def describe(path):
     if SHARD_PATTERN.match(os.path.basename(path)):
         return "shard", _shard(path)
     if path.endswith(".npz"):
-        return "state file", _state_file(path)
-    raise SystemExit(f"nnpc inspect: {path} is not a known file type (.npz state or shard, checkpoint.json)")
+        return _npz_file(path)
+    raise SystemExit(f"nnpc inspect: {path} is not a known file type (.npz archive, checkpoint.json)")
 
 
 def _checkpoint(path):
@@ -104,6 +109,63 @@ def _shard(path):
     except (OSError, ValueError) as error:
         raise DatasetError(f"{path} is truncated or corrupt ({error})") from None
     return record
+
+
+def _npz_file(path):
+    """Describe a state file, an eigenpair file, or the arrays of any other archive."""
+    import numpy as np
+
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            files = list(data.files)
+            arrays = {key: data[key] for key in files}
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is truncated or corrupt ({error})") from None
+    if {"grid", "config", "eta", "u", "v"} <= set(files):
+        return "state file", _state_file(path)
+    record = {key: _array_summary(value) for key, value in arrays.items()}
+    if "U" in arrays and "lam" in arrays and arrays["U"].ndim == 2:
+        U, lam = arrays["U"], arrays["lam"].reshape(-1)
+        record = {key: value for key, value in record.items() if key not in ("U", "lam")}
+        record.update(n=int(U.shape[0]), rank=int(U.shape[1]), dtype=str(U.dtype))
+        if lam.size:
+            record.update(lam_max=float(lam.max()), lam_min=float(lam.min()))
+        preset = _preset_of_size(U.shape[0])
+        if preset:
+            record["preset"] = preset
+        return "eigenpair file", record
+    for key, value in arrays.items():
+        preset = _preset_of_size(value.size) if value.ndim == 1 else None
+        if preset and np.issubdtype(value.dtype, np.floating):
+            record[key] = {"preset": preset, **_field_ranges(preset, value)}
+    return "npz archive", record
+
+
+def _array_summary(value):
+    if value.ndim == 0:
+        return value.item() if value.dtype.kind in "biufU" else str(value)
+    return {"shape": list(value.shape), "dtype": str(value.dtype)}
+
+
+def _preset_of_size(n):
+    """Return the preset whose state size is ``n``, or None."""
+    from shallow_water.config import get_config, preset_names
+
+    for name in preset_names():
+        if get_config(name).n == n:
+            return name
+    return None
+
+
+def _field_ranges(preset, natural):
+    import numpy as np
+
+    from shallow_water.config import get_config
+    from shallow_water.state import split_fields
+
+    fields = split_fields(get_config(preset), natural)
+    return {name: {"min": float(np.min(values)), "max": float(np.max(values))}
+            for name, values in fields.items()}
 
 
 def _state_file(path):
