@@ -37,8 +37,8 @@ def _collective(mpi, function):
 def leading_eigenpairs(mat, rank, tol=1e-8, seed=0):
     """Return ``(U_local, lam, lam_next, products)``: the ``rank`` leading eigenpairs of ``mat``.
 
-    Uses the ``lmpexact`` eigensolver (dense probing for small ``n``, block
-    Lanczos otherwise); ``products`` counts the operator products spent.
+    Uses the ``lmpexact`` eigensolver (SLEPc when importable, else block
+    Lanczos); ``products`` counts the operator products spent.
     """
     from petsc_nnpc.pc.exact import LMPExact
 

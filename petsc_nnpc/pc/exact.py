@@ -18,7 +18,7 @@ log = logging.getLogger("petsc_nnpc.pc.exact")
 
 EVENT_EIGENSOLVE = PETSc.Log.Event("LMPExactEigensolve")
 
-METHODS = ("auto", "dense", "lanczos", "slepc")
+METHODS = ("auto", "lanczos", "slepc")
 
 
 #: Relative norm below which a new Lanczos direction counts as already spanned.
@@ -30,9 +30,6 @@ class LMPExact(LMPBase):
 
     The eigenpairs come from one of:
 
-    * ``dense``: the operator probed on the ``n`` unit vectors (``n``
-      products) and ``numpy.linalg.eigh``; only for ``n`` up to
-      ``-pc_lmpexact_dense_max``.
     * ``lanczos``: block Lanczos with full reorthogonalization and thick
       restarts on the block product. Each cycle extends a block Krylov basis
       by blocks of ``b = r + 1 + oversampling`` vectors up to ``ncv``
@@ -52,11 +49,9 @@ class LMPExact(LMPBase):
         Number ``r`` of eigenpairs (default 10).
     -pc_lmpexact_mu <number|min|max|spectral>
         Scaling ``μ`` (default 1).
-    -pc_lmpexact_method <auto|dense|lanczos|slepc>
-        Eigensolver; ``auto`` (default) is ``dense`` up to ``dense_max``
-        unknowns, else ``slepc`` when importable, else ``lanczos``.
-    -pc_lmpexact_dense_max <int>
-        Largest ``n`` for the dense solver (default 500).
+    -pc_lmpexact_method <auto|lanczos|slepc>
+        Eigensolver; ``auto`` (default) is ``slepc`` when importable, else
+        ``lanczos``. No solver forms the ``n × n`` matrix.
     -pc_lmpexact_tol <float>
         Relative residual tolerance of the iterative solvers (default 1e-8).
     -pc_lmpexact_max_it <int>
@@ -77,8 +72,7 @@ class LMPExact(LMPBase):
 
     type_name = "lmpexact"
     OPTIONS = LMPBase.OPTIONS + (
-        Option("method", "str", "auto", "eigensolver: auto, dense, lanczos or slepc"),
-        Option("dense_max", "int", 500, "largest n for the dense eigensolver"),
+        Option("method", "str", "auto", "eigensolver: auto, lanczos or slepc"),
         Option("tol", "float", 1e-8, "relative residual tolerance of the iterative eigensolvers"),
         Option("max_it", "int", 100, "restart cycles (lanczos) or iterations (slepc)"),
         Option("ncv", "int", None, "largest basis size of the block Lanczos solver"),
@@ -90,7 +84,7 @@ class LMPExact(LMPBase):
         self.method_used = None
         self.largest_residual = None
 
-    def _method(self, n):
+    def _method(self):
         method = str(self.parameters["method"]).lower()
         if method not in METHODS:
             raise ValueError(
@@ -98,15 +92,7 @@ class LMPExact(LMPBase):
                 f"use one of {', '.join(METHODS)}"
             )
         if method == "auto":
-            if n <= self.parameters["dense_max"]:
-                return "dense"
             return "slepc" if _slepc_available() else "lanczos"
-        if method == "dense" and n > self.parameters["dense_max"]:
-            raise ValueError(
-                f"{self.class_name}: the dense eigensolver is limited to n <= "
-                f"{self.parameters['dense_max']} (n = {n}); use -pc_lmpexact_method lanczos "
-                f"or raise -pc_lmpexact_dense_max"
-            )
         if method == "slepc" and not _slepc_available():
             raise ValueError(
                 f"{self.class_name}: -pc_lmpexact_method slepc needs slepc4py, which is not "
@@ -123,11 +109,9 @@ class LMPExact(LMPBase):
                 f"n = {n}"
             )
         wanted = min(rank + 1, n)
-        method = self._method(n)
+        method = self._method()
         with logged(EVENT_EIGENSOLVE):
-            if method == "dense":
-                theta, Y, residuals = self._dense(A, products, wanted)
-            elif method == "slepc":
+            if method == "slepc":
                 theta, Y, residuals = self._slepc(A, products, wanted)
             else:
                 theta, Y, residuals = self._lanczos(A, products, wanted)
@@ -136,23 +120,6 @@ class LMPExact(LMPBase):
         lam_next = float(theta[rank]) if rank < theta.size else None
         return Eigenpairs(U=np.ascontiguousarray(Y[:, :rank]), lam=theta[:rank].copy(),
                           lam_next=lam_next)
-
-    def _dense(self, A, products, wanted):
-        """Probe ``A`` on the unit vectors of the locally owned rows and solve densely."""
-        comm = A.getComm()
-        mpi = mpi_comm(comm)
-        start, end = A.getOwnershipRange()
-        n = A.getSize()[0]
-        local = end - start
-        identity_rows = np.zeros((local, n))  # (local_size, n): this rank's rows of I
-        identity_rows[np.arange(local), np.arange(start, end)] = 1.0
-        AI = products(identity_rows)  # (local_size, n): this rank's rows of A
-        dense = np.concatenate(mpi.allgather(AI), axis=0)  # (n, n)
-        dense = 0.5 * (dense + dense.T)
-        theta, V = np.linalg.eigh(dense)
-        order = np.argsort(theta)[::-1][:wanted]
-        theta, V = theta[order], V[:, order]
-        return theta, np.ascontiguousarray(V[start:end]), np.zeros(wanted)
 
     def _lanczos(self, A, products, wanted):
         """Block Lanczos with full reorthogonalization and thick restarts."""
