@@ -23,10 +23,13 @@ Array layouts (all float64, C order):
 Positions follow :mod:`shallow_water.kernels`: index ``[a, b]`` is the
 centre, the east face, the north face or the north-east corner of cell
 ``(a, b)`` of the padded patch. Intermediate fields are computed only where
-the owned interior reads them. The batch axis ``k`` is innermost, so every
-loop over it runs over contiguous memory and the base state is loaded once
-per point for all ``k`` columns: this is what makes a batch cheaper per
-direction than a single one.
+the owned interior reads them. They live in scratch fields of shape
+``(Y, k, X)``, so that the innermost loop of every kernel runs along x over
+contiguous memory and the compiler vectorizes it, for one column as for
+many. Each loop stores one field, because Numba cannot tell the compiler
+that two arrays do not overlap, and with many stored arrays the compiler
+gives up vectorizing. A batch of ``k`` columns shares the call, the halo
+exchange and the cached row of base-state values.
 
 RK4 epilogue of the forward and tangent-linear kernels. With ``T`` the
 tendency of the stage at the owned points::
@@ -71,7 +74,7 @@ def parameters(config):
 
 @njit(cache=True)
 def _rk4_update(T, x, acc, G, xout, w, beta, cn, last):
-    """The RK4 epilogue (module docstring) over flat views of the owned arrays."""
+    """Apply the RK4 epilogue (module docstring) to flat views of the owned arrays."""
     t = T.reshape(-1)
     xf = x.reshape(-1)
     af = acc.reshape(-1)
@@ -103,10 +106,10 @@ def _split(L, E, Uu, Vv):
 
 @njit(cache=True)
 def forward_stage(L, geo, prm, x, acc, G, xout, w, beta, cn, last, lin, work):
-    """One forward RK4 stage from the padded local array ``L``.
+    """Run one forward RK4 stage from the padded local array ``L``.
 
-    When ``lin`` has shape (8, Y, X) the base state is stored in it (this
-    requires ``k = 1``); pass an array of shape (0, 0, 0) otherwise.
+    When ``lin`` has shape (8, Y, X), the stage stores its base state in it,
+    which requires ``k = 1``. Pass an array of shape (0, 0, 0) otherwise.
     ``work`` is scratch space of shape (WORK_FIELDS, Y, k, X).
     """
     Y, X, _, k = L.shape
@@ -196,7 +199,7 @@ def forward_stage(L, geo, prm, x, acc, G, xout, w, beta, cn, last, lin, work):
 
 @njit(cache=True)
 def tl_stage(L, lin, geo, prm, x, acc, G, xout, w, beta, cn, last, work):
-    """One tangent-linear RK4 stage at the base state ``lin`` (product rule of :func:`forward_stage`).
+    """Run one tangent-linear RK4 stage at the base state ``lin`` (product rule of :func:`forward_stage`).
 
     Each loop stores one field and runs along x innermost, so that the
     compiler vectorizes it. ``work`` is scratch space of shape
@@ -289,10 +292,10 @@ def tl_stage(L, lin, geo, prm, x, acc, G, xout, w, beta, cn, last, work):
 
 @njit(cache=True)
 def adjoint_stage(lin, geo, prm, outside, y, G, xbar, alpha, beta, L, work):
-    """One adjoint RK4 stage: the transpose of :func:`tl_stage`'s tendency.
+    """Run one adjoint RK4 stage: the transpose of :func:`tl_stage`'s tendency.
 
     The adjoint tendency input at the owned points is
-    ``g = α y + β G·mask``, where ``G`` holds the result of the previous
+    ``g = α y + β G·mask``, where ``G`` contains the result of the previous
     adjoint stage (after its halo sum) and ``mask`` zeroes the wall faces.
     When ``β ≠ 0`` that result is also added to ``xbar``. ``G`` is then
     zeroed, ready for the next local-to-global sum. The adjoint state is
