@@ -1,6 +1,8 @@
 """The ``nnpc spinup`` and ``nnpc check-model`` commands on the tiny preset."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +20,21 @@ def test_check_model_json(capsys):
     assert result["taylor_rate"] >= 1.9
     assert result["passed"] is True
     assert result["n"] == get_config("tiny").n
+    assert result["backend"] == "numba"
+
+
+def test_check_model_numpy_backend():
+    # A subprocess, because PETSc reads command-line options once per process.
+    completed = subprocess.run(
+        [sys.executable, "-m", "petsc_nnpc.cli", "check-model", "--preset", "tiny", "--json",
+         "-sw_backend", "numpy"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert completed.returncode == 0, completed.stderr
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "numpy"
+    assert result["adjoint_relative_error"] <= 1e-12
+    assert result["taylor_rate"] >= 1.9
 
 
 def test_check_model_table(capsys):

@@ -57,6 +57,7 @@ def run(args, petsc_args):
     result = {
         "preset": args.preset,
         "ranks": comm.getSize(),
+        "backend": model.backend,
         "n": model.n,
         "window_steps": config.window_steps,
         "adjoint_relative_error": worst,
@@ -71,7 +72,8 @@ def run(args, petsc_args):
         if args.json:
             print(json.dumps(result))
         else:
-            print(f"model {args.preset}: n = {model.n}, {config.window_steps} steps, {comm.getSize()} ranks")
+            print(f"model {args.preset}: n = {model.n}, {config.window_steps} steps, {comm.getSize()} ranks, "
+                  f"{model.backend} kernels")
             print(f"adjoint dot product, one step   relative error {step_error:.2e}")
             print(f"adjoint dot product, window     relative error {window_error:.2e}")
             print("Taylor test        eps   remainder")
