@@ -9,8 +9,8 @@ Data Assimilation using Machine Learning"). The solver defaults to CG with
 every ``-ksp_*`` and ``-pc_*`` option given on the command line or in an
 ``-options_file`` comes on top::
 
-    mpiexec -n 2 python examples/solve_inner_loop.py -preset tiny -ksp_monitor
-    mpiexec -n 2 python examples/solve_inner_loop.py \\
+    mpiexec -n 2 .venv/bin/python examples/solve_inner_loop.py -preset tiny -ksp_monitor
+    mpiexec -n 2 .venv/bin/python examples/solve_inner_loop.py \\
         -options_file examples/solve_inner_loop.opts -pc_type lmpexact
 
 Options of this example:

@@ -8,8 +8,8 @@ observed with noise at the end of the window; each cycle runs incremental
 configured from the options (CG, ``rtol 1e-7`` on the unpreconditioned
 residual, at most 2000 iterations by default)::
 
-    mpiexec -n 2 python examples/twin_experiment.py -preset tiny -cycles 3
-    mpiexec -n 2 python examples/twin_experiment.py \\
+    mpiexec -n 2 .venv/bin/python examples/twin_experiment.py -preset tiny -cycles 3
+    mpiexec -n 2 .venv/bin/python examples/twin_experiment.py \\
         -options_file examples/twin_experiment.opts -out runs/twin-tiny
 
 Options of this example:

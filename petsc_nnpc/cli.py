@@ -113,6 +113,12 @@ def main(argv=None):
     init_petsc(petsc_args)
     try:
         return int(args._module.run(args, petsc_args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # Bad input or a missing file or package: one line instead of a
+        # traceback, which -v shows. Under mpiexec every failing rank prints it.
+        if args.verbose:
+            raise
+        raise SystemExit(f"nnpc {args.command}: error: {error}") from None
     except KeyboardInterrupt:
         logging.getLogger("petsc_nnpc").error(
             "interrupted; what was written before is kept, and the same command resumes from it")

@@ -732,7 +732,9 @@ def generate_dataset(model, operator, config, folder, initial_state, extra=None,
     if mpi.rank == 0:
         log.info("training set %s: %d samples of %d to compute in %d shard(s)",
                  folder, todo, N, len(plan))
-    bar = tqdm(total=todo, desc="generate", unit="state", disable=not progress or mpi.rank != 0)
+    # disable=None lets tqdm turn the bar off when stderr is not a terminal.
+    bar = tqdm(total=todo, desc="generate", unit="state",
+               disable=None if progress and mpi.rank == 0 else True)
 
     computed = 0
     previous_last = None  # (index, x) of the last sample of shard j-1, on rank 0
@@ -828,7 +830,7 @@ class OnlineSamples:
 
         xs, seeds, AZs = [], [], []
         for _ in tqdm(range(count), desc=desc, unit="state",
-                      disable=not self.progress or not self.is_root):
+                      disable=None if self.progress and self.is_root else True):
             _, x, seed, AZ = self.chain.next_sample()
             if self.is_root:
                 xs.append(x)

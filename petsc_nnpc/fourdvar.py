@@ -782,7 +782,8 @@ class TwinExperiment:
         if progress and self.mpi.rank == 0:
             from tqdm import tqdm
 
-            cycles = tqdm(cycles, desc="twin cycles", initial=start_cycle, total=config.cycles)
+            cycles = tqdm(cycles, desc="twin cycles", initial=start_cycle, total=config.cycles,
+                          disable=None)
         try:
             for cycle in cycles:
                 # Generate observations.

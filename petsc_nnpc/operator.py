@@ -690,10 +690,16 @@ class GaussNewtonOperator:
         sigmas = ", ".join(f"{k} {v:g}" for k, v in self.background_error.config.sigmas.items())
         viewer.printfASCII(f"Gauss-Newton operator: {form}\n")
         viewer.printfASCII(
-            f"  model {type(self.model).__name__}, n = {self.n}, "
+            f"  model {type(self.model).__name__}{_backend_note(self.model)}, n = {self.n}, "
             f"{self.observations.p} observations, sigma_o {self.observations.sigma_o:g}\n"
         )
         viewer.printfASCII(f"  background-error sigma: {sigmas}\n")
         viewer.printfASCII(
             f"  {self.products} products, {self.wall_time:.3f} s in products\n"
         )
+
+
+def _backend_note(model):
+    """Return " (numba kernels)" for a model with a kernel backend, else ""."""
+    backend = getattr(model, "backend", None)
+    return f" ({backend} kernels)" if backend else ""

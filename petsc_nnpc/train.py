@@ -567,7 +567,8 @@ class Trainer:
             order = rng.permutation(len(samples))
         batches = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         losses = []
-        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False, disable=not self.progress)
+        bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", leave=False,
+                   disable=None if self.progress else True)
         for step, positions in enumerate(bar):
             lr = learning_rate(config, steps_done + step, total_steps)
             for group in self.optimizer.param_groups:

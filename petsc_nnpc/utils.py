@@ -129,6 +129,45 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def read_npz(path):
+    """Return the arrays of the ``.npz`` archive ``path`` as a dict, without loading pickles.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ValueError
+        If the file is not a readable ``.npz`` archive (truncated, empty or
+        another format), or if it contains object arrays, which would need
+        pickle and could run code.
+    """
+    import zipfile
+
+    import numpy as np
+
+    path = os.fspath(path)
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} not found") from None
+    except ValueError as error:
+        if "allow_pickle" in str(error) and zipfile.is_zipfile(path):
+            raise ValueError(
+                f"{path} contains object arrays, which are not loaded because unpickling can run "
+                "code: store numeric or string arrays instead"
+            ) from None
+        raise ValueError(
+            f"{path} is not a readable .npz archive ({error}): it is truncated or in another "
+            "format; write it again"
+        ) from None
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise ValueError(
+            f"{path} is not a readable .npz archive ({error}): it is truncated or in another "
+            "format; write it again"
+        ) from None
+
+
 def atomic_save_npz(path, **arrays):
     """Save numpy arrays to ``path`` (``.npz``) atomically."""
     import io

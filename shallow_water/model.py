@@ -29,6 +29,20 @@ BACKENDS = ("numba", "numpy")
 BATCH_CHUNK = 16
 
 
+_FALLBACK_WARNED = []
+
+
+def _warn_fallback():
+    """Log once per process that the model runs the slower NumPy kernels because Numba is missing."""
+    if not _FALLBACK_WARNED:
+        _FALLBACK_WARNED.append(True)
+        log.warning(
+            "Numba failed to import (%s), so the shallow-water model runs its NumPy kernels, "
+            "3 to 6 times slower: install it (.venv/bin/pip install numba), or pass "
+            "-sw_backend numpy to choose these kernels and silence this warning", _FUSED_ERROR,
+        )
+
+
 def default_backend():
     """Return the kernel backend used when none is chosen: ``numba`` when it imports, else ``numpy``."""
     return "numpy" if fused is None else "numba"
@@ -37,18 +51,24 @@ def default_backend():
 def _resolve_backend(backend):
     if backend is None:
         options = PETSc.Options()
-        backend = options.getString("sw_backend") if options.hasName("sw_backend") else default_backend()
+        if options.hasName("sw_backend"):
+            backend = options.getString("sw_backend")
+        else:
+            backend = default_backend()
+            if backend == "numpy":
+                _warn_fallback()
     if backend not in BACKENDS:
         raise ValueError(
-            f"unknown shallow-water backend {backend!r}: use one of {', '.join(BACKENDS)} "
-            "(option -sw_backend)"
+            f"invalid shallow-water backend {backend!r}: use one of {', '.join(BACKENDS)} "
+            "(the backend argument or the option -sw_backend)"
         )
     if backend == "numba" and fused is None:
         raise ImportError(
             f"the numba backend needs Numba, which failed to import ({_FUSED_ERROR}): "
-            "install it (pip install numba) or run with -sw_backend numpy"
+            "install it (.venv/bin/pip install numba) or run with -sw_backend numpy"
         )
     return backend
+
 
 def _event(name):
     if name not in _EVENTS:

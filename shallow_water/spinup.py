@@ -56,7 +56,7 @@ def _progress(total, enabled, description):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=description, unit="day", leave=False)
+    return tqdm(total=total, desc=description, unit="day", leave=False, disable=None)
 
 
 def spin_up(model, days, x0=None, checkpoint=None, checkpoint_days=30.0, progress=True):

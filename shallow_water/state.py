@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 
-from petsc_nnpc.utils import atomic_save_npz
+from petsc_nnpc.utils import atomic_save_npz, read_npz
 from shallow_water.config import ModelConfig
 
 VARIABLES = ("eta", "u", "v")
@@ -86,13 +86,13 @@ def read_state_file(path):
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"state file {path} not found: create it with `nnpc spinup --out {path}`")
-    with np.load(path, allow_pickle=False) as data:
-        missing = [key for key in ("grid", "config", *VARIABLES) if key not in data.files]
-        if missing:
-            raise ValueError(f"{path} is not a state file: arrays {missing} are missing")
-        config = ModelConfig.from_dict(json.loads(str(data["config"])))
-        fields = {name: data[name] for name in VARIABLES}
-        time = float(data["time"]) if "time" in data.files else 0.0
+    data = read_npz(path)
+    missing = [key for key in ("grid", "config", *VARIABLES) if key not in data]
+    if missing:
+        raise ValueError(f"{path} is not a state file: arrays {missing} are missing")
+    config = ModelConfig.from_dict(json.loads(str(data["config"])))
+    fields = {name: data[name] for name in VARIABLES}
+    time = float(data["time"]) if "time" in data else 0.0
     natural = join_fields(config, fields)
     check_finite(config, natural, source=f"state file {path}")
     return natural, config, time

@@ -1,4 +1,7 @@
-"""Argument errors of the ``nnpc`` console script."""
+"""Argument and input errors of the ``nnpc`` console script."""
+
+import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +39,14 @@ def test_petsc_options_pass_through():
     )
     assert args.path == "x.npz"
     assert petsc == ["-ksp_rtol", "1e-7", "-ksp_monitor", "-pc_nnpc_mu", "-1"]
+
+
+def test_bad_backend_is_one_line():
+    completed = subprocess.run(
+        [sys.executable, "-m", "petsc_nnpc.cli", "check-model", "--preset", "tiny",
+         "-sw_backend", "fortran"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert completed.returncode == 1
+    assert "nnpc check-model: error: invalid shallow-water backend 'fortran'" in completed.stderr
+    assert "Traceback" not in completed.stderr

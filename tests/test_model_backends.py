@@ -70,3 +70,19 @@ def test_backend_option():
 def test_default_backend_is_compiled():
     # Numba is a dependency of the project, so the compiled kernels are the default.
     assert sw_model.default_backend() == "numba"
+
+
+def test_missing_numba_falls_back_with_warning(monkeypatch, caplog):
+    monkeypatch.setattr(sw_model, "fused", None)
+    monkeypatch.setattr(sw_model, "_FUSED_ERROR", ImportError("No module named 'numba'"), raising=False)
+    monkeypatch.setattr(sw_model, "_FALLBACK_WARNED", [])
+    with caplog.at_level("WARNING", logger="shallow_water.model"):
+        model = ShallowWaterModel(get_config("tiny"))
+        ShallowWaterModel(get_config("tiny"))
+    assert model.backend == "numpy"
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "NumPy kernels" in warnings[0]
+    assert "pip install numba" in warnings[0]
+    with pytest.raises(ImportError, match="numba backend needs Numba.*-sw_backend numpy"):
+        ShallowWaterModel(get_config("tiny"), backend="numba")

@@ -49,7 +49,7 @@ def test_check_model_rejects_other_grid(tmp_path):
     from shallow_water.state import save_state
 
     save_state(state, get_config("small"), np.zeros(get_config("small").n))
-    with pytest.raises(ValueError, match="nx=32, ny=32.*nx=10, ny=10"):
+    with pytest.raises(SystemExit, match="nnpc check-model: error: .*nx=32, ny=32.*nx=10, ny=10"):
         main(["check-model", "--preset", "tiny", "--state", str(state)])
 
 

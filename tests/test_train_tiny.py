@@ -179,8 +179,33 @@ def test_inspect_command_reads_eigenpair_and_other_archives(tmp_path, capsys):
     assert record["steps"] == {"shape": [3], "dtype": "int64"}
 
 
-def test_inspect_command_corrupt_archive(tmp_path):
-    path = tmp_path / "broken.npz"
-    path.write_bytes(b"not a zip file")
-    message = nnpc_in_process("inspect", path)
-    assert "broken.npz is truncated or corrupt" in message
+def test_inspect_command_unreadable_archives(tmp_path):
+    import numpy as np
+
+    from shallow_water.state import data_path
+
+    whole = open(data_path("tiny", "spunup"), "rb").read()
+    cases = {
+        "text.npz": b"not a zip file",
+        "empty.npz": b"",
+        "truncated.npz": whole[: len(whole) // 2],
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        message = nnpc_in_process("inspect", tmp_path / name)
+        assert f"{name} is not a readable .npz archive" in message, message
+        assert "write it again" in message
+
+    np.savez(tmp_path / "objects.npz", ragged=np.array([[1], [1, 2]], dtype=object))
+    message = nnpc_in_process("inspect", tmp_path / "objects.npz")
+    assert "objects.npz contains object arrays" in message
+
+
+def test_check_model_truncated_state_is_one_line(tmp_path):
+    from shallow_water.state import data_path
+
+    whole = open(data_path("tiny", "spunup"), "rb").read()
+    (tmp_path / "cut.npz").write_bytes(whole[:1000])
+    message = nnpc_in_process("check-model", "--preset", "tiny", "--state", tmp_path / "cut.npz")
+    assert message.startswith("nnpc check-model: error: ")
+    assert "cut.npz is not a readable .npz archive" in message

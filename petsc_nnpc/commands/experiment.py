@@ -66,7 +66,7 @@ def config_from_args(args):
     return experiment_config(args.preset, **overrides)
 
 
-def check_device(device):
+def check_device(device, command="experiment"):
     """Raise when ``device`` names a CUDA device that torch cannot see."""
     if device is None or not device.startswith("cuda"):
         return
@@ -74,7 +74,7 @@ def check_device(device):
 
     if not torch.cuda.is_available():
         raise SystemExit(
-            f"nnpc: error: --device {device} requested but torch sees no CUDA device "
+            f"nnpc {command}: error: --device {device} requested but torch sees no CUDA device "
             "on this machine; use --device cpu"
         )
 
@@ -89,8 +89,8 @@ def run_study(args, function):
     try:
         config = config_from_args(args)
     except ValueError as error:
-        raise SystemExit(f"nnpc: error: {error}") from None
-    check_device(config.device)
+        raise SystemExit(f"nnpc {args.command}: error: {error}") from None
+    check_device(config.device, args.command)
     try:
         report = function(config)
     except ExperimentError as error:

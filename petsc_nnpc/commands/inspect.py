@@ -96,18 +96,12 @@ def _data_folder(path):
 
 
 def _shard(path):
-    import numpy as np
+    from petsc_nnpc.utils import read_npz
 
-    from petsc_nnpc.dataset import DatasetError
-
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            record = {key: {"shape": list(data[key].shape), "dtype": str(data[key].dtype)}
-                      for key in data.files}
-            if "index" in data.files:
-                record["samples"] = data["index"].tolist()
-    except (OSError, ValueError) as error:
-        raise DatasetError(f"{path} is truncated or corrupt ({error})") from None
+    data = read_npz(path)
+    record = {key: {"shape": list(value.shape), "dtype": str(value.dtype)} for key, value in data.items()}
+    if "index" in data:
+        record["samples"] = data["index"].tolist()
     return record
 
 
@@ -115,13 +109,10 @@ def _npz_file(path):
     """Describe a state file, an eigenpair file, or the arrays of any other archive."""
     import numpy as np
 
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            files = list(data.files)
-            arrays = {key: data[key] for key in files}
-    except (OSError, ValueError) as error:
-        raise ValueError(f"{path} is truncated or corrupt ({error})") from None
-    if {"grid", "config", "eta", "u", "v"} <= set(files):
+    from petsc_nnpc.utils import read_npz
+
+    arrays = read_npz(path)
+    if {"grid", "config", "eta", "u", "v"} <= set(arrays):
         return "state file", _state_file(path)
     record = {key: _array_summary(value) for key, value in arrays.items()}
     if "U" in arrays and "lam" in arrays and arrays["U"].ndim == 2:

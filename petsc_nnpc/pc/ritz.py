@@ -170,8 +170,9 @@ class LMPRitz(LMPBase):
         self.pairs_found = theta.size
         self.pairs_converged = int(converged.sum())
         keep = np.flatnonzero(converged)[:self.parameters["rank"]]
-        log.info("%s: %d Ritz pairs from %d iterations, %d converged, %d kept",
-                 self.class_name, theta.size, steps, self.pairs_converged, keep.size)
+        carried = bases[0].shape[1] if self.parameters["keep_previous"] and self.pending is not None else 0
+        log.info("%s: %d Ritz pairs from %d iterations and %d pairs carried over, %d converged, %d kept",
+                 self.class_name, theta.size, steps, carried, self.pairs_converged, keep.size)
         if keep.size == 0:
             self.pending_products = None
             return None

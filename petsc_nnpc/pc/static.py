@@ -15,7 +15,7 @@ from petsc4py import PETSc
 from petsc_nnpc.layout import NaturalLayout
 from petsc_nnpc.lmp import check_eigenvalues, logged, mpi_comm, operator_context
 from petsc_nnpc.pc.base import Eigenpairs, LMPBase, Option
-from petsc_nnpc.utils import atomic_save_npz
+from petsc_nnpc.utils import atomic_save_npz, read_npz
 
 log = logging.getLogger("petsc_nnpc.pc.static")
 
@@ -59,15 +59,15 @@ def _read(path):
     key = (path, os.path.getmtime(path))
     cached = _file_cache.get(key)
     if cached is None:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = {"U", "lam"} - set(archive.files)
-            if missing:
-                raise ValueError(
-                    f"{path} lacks the arrays {', '.join(sorted(missing))}: write it with "
-                    "petsc_nnpc.pc.static.save_eigenpairs"
-                )
-            lam_next = float(archive["lam_next"]) if "lam_next" in archive.files else np.nan
-            cached = (archive["U"], archive["lam"].reshape(-1), lam_next)
+        archive = read_npz(path)
+        missing = {"U", "lam"} - set(archive)
+        if missing:
+            raise ValueError(
+                f"{path} lacks the arrays {', '.join(sorted(missing))}: write it with "
+                "petsc_nnpc.pc.static.save_eigenpairs"
+            )
+        lam_next = float(archive["lam_next"]) if "lam_next" in archive else np.nan
+        cached = (archive["U"], archive["lam"].reshape(-1), lam_next)
         _file_cache.clear()
         _file_cache[key] = cached
     return cached
