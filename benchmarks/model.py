@@ -91,8 +91,8 @@ def time_linear(preset, backend, repeat, batch):
         "linearize": best_time(lambda: model.linearize(x), repeat, cpu),
         "tl": best_time(lambda: model.tl(traj, single), repeat, cpu),
         "adjoint": best_time(lambda: model.adjoint(traj, single), repeat, cpu),
-        "tl_batch": best_time(lambda: model.tl(traj, many), max(1, repeat // 2), cpu),
-        "adjoint_batch": best_time(lambda: model.adjoint(traj, many), max(1, repeat // 2), cpu),
+        "tl_batch": best_time(lambda: model.tl(traj, many), repeat, cpu),
+        "adjoint_batch": best_time(lambda: model.adjoint(traj, many), repeat, cpu),
     }
 
 
@@ -110,7 +110,7 @@ def time_chunks(preset, repeat, batch, chunks):
         for chunk in chunks:
             sw_model.BATCH_CHUNK = chunk
             seconds = best_time(lambda: (model.tl(traj, many), model.adjoint(traj, many)),
-                                max(1, repeat // 2), time.process_time)
+                                repeat, time.process_time)
             results[chunk] = seconds / batch
     finally:
         sw_model.BATCH_CHUNK = default

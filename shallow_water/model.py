@@ -22,10 +22,11 @@ _EVENTS = {}
 BACKENDS = ("numba", "numpy")
 
 # Largest number of directions a batched TL or adjoint run processes at once.
-# On the paper grid (2-core AMD EPYC, TL + adjoint of 100 directions), per
-# direction: NumPy kernels 1.13 x one direction in one batch of 96 and
-# 0.85 x in chunks of 16; Numba kernels 0.81, 0.75, 0.70, 0.68 and 0.92 x
-# in chunks of 2, 4, 8, 16 and 32. Larger chunks overflow the cache.
+# TL + adjoint of 100 directions on the paper grid (2-core AMD EPYC,
+# `benchmarks/model.py --chunks 2,4,8,16,32`) cost 0.77, 0.70, 0.68, 0.69
+# and 0.93 x one direction per direction with the compiled kernels: larger
+# chunks overflow the cache. The NumPy kernels cost 1.13 x in one batch of
+# 96 and 0.85 x in chunks of 16.
 BATCH_CHUNK = 16
 
 
