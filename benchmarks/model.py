@@ -158,15 +158,9 @@ def tl_state_dependence(preset, days, k):
 def machine():
     import numba
 
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from petsc_nnpc.utils import cpu_model
+
+    model = cpu_model(default="unknown")
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     return (
         f"{os.cpu_count()} CPUs ({model}), {platform.system()} {platform.machine()}, "

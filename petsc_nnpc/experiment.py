@@ -32,7 +32,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from petsc_nnpc.utils import atomic_write_json, init_petsc
+from petsc_nnpc.utils import atomic_write_json, cpu_model, init_petsc
 
 PETSc = init_petsc()
 
@@ -333,15 +333,7 @@ class StageRunner:
 
 def machine_description():
     """Return a one-line description of this machine for reports."""
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_model(default=platform.processor() or "unknown CPU")
     return f"{os.cpu_count()} cores, {cpu}, {PETSc.COMM_WORLD.getSize()} MPI rank(s)"
 
 

@@ -129,6 +129,18 @@ def atomic_write_json(path, obj):
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def cpu_model(default="unknown CPU"):
+    """Return the CPU model name from ``/proc/cpuinfo``, or ``default`` where it is unreadable."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return default
+
+
 def read_npz(path):
     """Return the arrays of the ``.npz`` archive ``path`` as a dict, without loading pickles.
 

@@ -299,8 +299,8 @@ def adjoint_stage(lin, geo, prm, outside, y, G, xbar, alpha, beta, L, work):
     adjoint stage (after its halo sum) and ``mask`` zeroes the wall faces.
     When ``β ≠ 0`` that result is also added to ``xbar``. ``G`` is then
     zeroed, ready for the next local-to-global sum. The adjoint state is
-    written to every point of ``L``, halo included; the halo sides listed in
-    ``outside`` (west, east, south, north: 1 when outside the basin) are
+    written to every point of ``L``, halo included. The halo sides flagged
+    in ``outside`` (west, east, south, north: 1 when outside the basin) are
     set to zero. Each adjoint field is gathered from the tangent-linear
     terms that read it, one stored field per loop as in :func:`tl_stage`.
 

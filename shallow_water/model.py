@@ -159,10 +159,10 @@ class _Exchange:
     def fill(self, owned):
         """Copy owned values ``(ym, xm, 3, k)`` into the padded local array and fill its halo."""
         self.owned_array()[...] = owned
-        self.dm.globalToLocal(self.gvec, self.lvec, addv=PETSc.InsertMode.INSERT_VALUES)
+        self.exchange()
         # The scatter leaves halo cells outside the basin as they were, and
         # an adjoint run writes into them, so they are reset here.
-        larr = self.lvec.getArray().reshape(self.padded_shape)
+        larr = self.local_array()
         for index in self.outside:
             larr[index] = 0.0
 
@@ -174,7 +174,7 @@ class _Exchange:
 
     def write(self, fields, start, stop):
         """Store padded adjoint fields ``(Y·X, stop − start)`` as columns ``start:stop`` of the local array."""
-        larr = self.lvec.getArray().reshape(self.padded_shape)
+        larr = self.local_array()
         for var, field in enumerate(fields):
             larr[:, :, var, start:stop] = field.reshape(self.padded_shape[:2] + (stop - start,))
 
@@ -185,11 +185,11 @@ class _Exchange:
         ADD_VALUES into a zeroed global Vec. Halo cells outside the basin
         are zeroed first, since they belong to no rank.
         """
-        larr = self.lvec.getArray().reshape(self.padded_shape)
+        larr = self.local_array()
         for index in self.outside:
             larr[index] = 0.0
         self.gvec.set(0.0)
-        self.dm.localToGlobal(self.lvec, self.gvec, addv=PETSc.InsertMode.ADD_VALUES)
+        self.sum_halo()
         return np.array(self.gvec.getArray(readonly=True).reshape(self.owned_shape))
 
 
@@ -626,39 +626,42 @@ class ShallowWaterModel:
             (dt / 6.0, 1.0, 0.0, True),
         )
 
+    def _fused_start(self, owned):
+        """Return ``(exchange, x, acc, xout)`` for forward or TL steps from owned fields.
+
+        ``x`` is a copy of ``owned``, which also goes into the global Vec as
+        the first stage's input. ``acc`` and ``xout`` are the RK4 sum and the
+        next state.
+        """
+        exchange = self._exchange(owned.shape[-1])
+        x = np.array(owned, order="C")
+        exchange.owned_array()[...] = x
+        return exchange, x, np.zeros_like(x), np.empty_like(x)
+
     def _fused_forward(self, owned, steps, stages=None):
         k = owned.shape[-1]
         if stages is not None and k != 1:
             raise ValueError(f"a linearization stores one trajectory, got k = {k} states")
-        exchange = self._exchange(k)
-        x = np.ascontiguousarray(owned)
-        acc = np.zeros_like(x)
-        xout = np.empty_like(x)
-        exchange.owned_array()[...] = x
+        exchange, x, acc, xout = self._fused_start(owned)
         work = exchange.work()[0]
         no_lin = np.empty((0, 0, 0))
         coefficients = self._rk4_stages()
         for _ in range(steps):
-            lins = []
-            for w, beta, cn, last in coefficients:
-                lin = np.zeros((8,) + self.patch.shape) if stages is not None else no_lin
+            lins = [np.zeros((8,) + self.patch.shape) if stages is not None else no_lin
+                    for _ in coefficients]
+            for lin, (w, beta, cn, last) in zip(lins, coefficients):
                 exchange.exchange()
                 fused.forward_stage(
                     exchange.local_array(), self._geo, self._prm,
                     x, acc, exchange.owned_array(), xout, w, beta, cn, last, lin, work,
                 )
-                lins.append(lin)
             if stages is not None:
                 stages.append(lins)
             x, xout = xout, x
         return x
 
     def _fused_tl(self, traj, owned):
-        exchange = self._exchange(owned.shape[-1])
-        x = np.ascontiguousarray(owned)
-        acc = np.zeros_like(x)
-        xout = np.empty_like(x)
-        exchange.owned_array()[...] = x
+        exchange, x, acc, xout = self._fused_start(owned)
         work = exchange.work()[0]
         coefficients = self._rk4_stages()
         for lins in traj.stages:
